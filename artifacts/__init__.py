@@ -1,0 +1,1 @@
+"""Artifacts: the store, content keys, lineage and tracking. Light to import (no torch, no prefect)."""

@@ -1,0 +1,1 @@
+"""Flows: recipe parsing, planning and the Prefect wiring. Light to import (no torch, no prefect)."""

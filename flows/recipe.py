@@ -1,0 +1,508 @@
+"""Recipe files -> a validated DAG of StageSpecs, before any compute.
+
+A recipe (YAML) has `name`, `description`, `vars`, `defaults` (per kind) and `stages`. Each
+stage has a `kind` (tasks/__init__.py), input roles (`from` = init, `teachers` {route: stage},
+`data` {name: stage} or one stage name, `reference`, `reward_model`), its kind's config fields,
+and stage-level fields: `foreach: <var>` (one stage per value; the name and every string in the
+stage may use `{<var minus trailing s>}` or `{item}`), `rounds: N` (N chained stages
+`<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previous one), `use: <ref>`
+(pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`.
+A string that is exactly `${var}` is replaced by that var's value.
+
+Every user error raises RecipeError naming the file, the line and the YAML path, with a fix.
+This module imports neither prefect nor torch: `posttrain plan` must answer in < 1 s.
+
+Run: ``python -m flows.recipe recipes/mimo_tiny.yaml`` prints the expanded DAG.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+import tasks
+
+STAGE_FIELDS = ("kind", "description", "from", "teachers", "data", "reference", "reward_model",
+                "foreach", "rounds", "use", "resources", "retries")
+TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SINGLE_ROLES = ("init", "reference", "reward_model")
+ROLE_OF_FIELD = {"from": "init", "reference": "reference", "reward_model": "reward_model",
+                 "teachers": "teachers", "data": "data"}
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe or a --set override (exit code 2, no traceback)."""
+
+    def __init__(self, file: str, where: str, message: str, line: int | None = None) -> None:
+        self.file, self.where, self.message, self.line = file, where, message, line
+        loc = f"{file}:{line}" if line else file
+        super().__init__(f"{loc}: {where}: {message}" if where else f"{loc}: {message}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: int = 1
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage after expansion: what to build and from which stages (by role)."""
+
+    name: str
+    kind: str  # "use" for a pinned artifact
+    config: dict[str, Any]
+    inputs: dict[str, Any]  # role -> stage name, or {route/name: stage name}
+    resources: Resources = Resources()
+    retries: int = 0
+    use: str | None = None
+    where: str = ""  # YAML path of the template it came from, for messages
+
+    def parents(self) -> list[str]:
+        out: list[str] = []
+        for value in self.inputs.values():
+            out.extend(value.values() if isinstance(value, dict) else [value])
+        return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    path: Path
+    vars: dict[str, list[Any]]
+    stages: dict[str, StageSpec]  # topological order
+    sets: tuple[str, ...] = field(default_factory=tuple)
+
+    def children(self, name: str) -> list[str]:
+        return [s.name for s in self.stages.values() if name in s.parents()]
+
+
+def closest(word: str, options: list[str] | tuple[str, ...]) -> str:
+    hit = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{hit[0]}'?)" if hit else ""
+
+
+# -- YAML with line numbers ----------------------------------------------------------------
+
+def _line_map(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = str(k.value)
+            out[path + (key,)] = k.start_mark.line + 1
+            _line_map(v, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, path + (str(i),), out)
+
+
+class _Ctx:
+    """File name + YAML line lookup for error messages."""
+
+    def __init__(self, file: str, lines: dict[tuple[str, ...], int]) -> None:
+        self.file, self.lines = file, lines
+
+    def error(self, path: tuple[str, ...], message: str) -> RecipeError:
+        line = None
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                line = self.lines[path[:n]]
+                break
+        return RecipeError(self.file, ".".join(path), message, line)
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], _Ctx]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise RecipeError(str(path), "", "no such file (give the path to a recipe .yaml)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(str(path), "", f"cannot read the file: {e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(str(path), "", f"not valid YAML: {problem}", line) from None
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        _line_map(node, (), lines)
+    ctx = _Ctx(str(path), lines)
+    if not isinstance(doc, dict):
+        raise ctx.error((), "a recipe is a YAML mapping with name, vars, defaults and stages")
+    return doc, ctx
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def _kind_module(kind: str, ctx: _Ctx, where: tuple[str, ...]) -> Any:
+    if not isinstance(kind, str) or kind not in tasks.KINDS:
+        raise ctx.error(where + ("kind",), f"unknown kind {kind!r}{closest(str(kind), tuple(tasks.KINDS))}; "
+                        f"known kinds: {', '.join(tasks.KINDS)}")
+    return tasks.module_for(kind)
+
+
+def _placeholders(var: str) -> list[str]:
+    names = ["{item}", "{" + var + "}"]
+    if var.endswith("s") and len(var) > 1:
+        names.append("{" + var[:-1] + "}")
+    return names
+
+
+def _subst(obj: Any, marks: list[str], value: Any) -> Any:
+    if isinstance(obj, str):
+        for m in marks:
+            obj = obj.replace(m, str(value))
+        return obj
+    if isinstance(obj, dict):
+        return {_subst(k, marks, value): _subst(v, marks, value) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_subst(v, marks, value) for v in obj]
+    return obj
+
+
+def _vars_in(obj: Any, vars_: dict[str, list[Any]], ctx: _Ctx, where: tuple[str, ...]) -> Any:
+    if isinstance(obj, str) and obj.startswith("${") and obj.endswith("}"):
+        name = obj[2:-1]
+        if name not in vars_:
+            raise ctx.error(where, f"unknown var {name!r}{closest(name, tuple(vars_))}; "
+                            f"declare it under vars:")
+        return copy.deepcopy(vars_[name])
+    if isinstance(obj, dict):
+        return {k: _vars_in(v, vars_, ctx, where + (str(k),)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_vars_in(v, vars_, ctx, where + (str(i),)) for i, v in enumerate(obj)]
+    return obj
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[str, Any], tuple]]:
+    """[(stage name, raw body, yaml path of its template)] after foreach and rounds."""
+    vars_ = doc["vars"]
+    out: list[tuple[str, dict[str, Any], tuple]] = []
+    for tname, body in doc["stages"].items():
+        where = ("stages", str(tname))
+        if not isinstance(tname, str) or not NAME_RE.match(tname.replace("{", "").replace("}", "")):
+            raise ctx.error(where, "stage names use letters, digits, '_', '-', '.' "
+                            "(and {placeholders} with foreach)")
+        if not isinstance(body, dict):
+            raise ctx.error(where, "a stage is a mapping with at least `kind:` (or `use:`)")
+        if "kind" not in body and "use" not in body:
+            raise ctx.error(where, f"missing `kind:` (known kinds: {', '.join(tasks.KINDS)}) "
+                            "or `use: <ref>`")
+        body = _vars_in(body, vars_, ctx, where)
+        items: list[tuple[str, dict[str, Any]]] = [(tname, body)]
+        if "foreach" in body:
+            var = body["foreach"]
+            if not isinstance(var, str) or var not in vars_:
+                raise ctx.error(where + ("foreach",), f"foreach over missing var {var!r}"
+                                f"{closest(str(var), tuple(vars_))}; declared vars: "
+                                f"{', '.join(vars_) or 'none'}")
+            marks = _placeholders(var)
+            if not any(m in tname for m in marks):
+                raise ctx.error(where, f"a foreach stage's name must contain one of "
+                                f"{', '.join(marks)} so that every copy gets its own name")
+            items = [(_subst(tname, marks, v), {k: _subst(x, marks, v) for k, x in body.items()
+                                                if k != "foreach"}) for v in vars_[var]]
+        for name, b in items:
+            if "{" in name or "}" in name:
+                raise ctx.error(where, f"stage name {name!r} has a placeholder but no `foreach:`")
+            rounds = b.get("rounds", 1)
+            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+                raise ctx.error(where + ("rounds",), f"rounds must be an integer >= 1, got "
+                                f"{rounds!r}")
+            b = {k: v for k, v in b.items() if k != "rounds"}
+            if rounds > 1:
+                if "from" not in b:
+                    raise ctx.error(where + ("rounds",), "rounds chain each round from the "
+                                    "previous one: the stage needs `from:`")
+                prev = b["from"]
+                for r in range(1, rounds + 1):
+                    rname = name if r == rounds else f"{name}_r{r}"
+                    out.append((rname, dict(b, **{"from": prev}), where))
+                    prev = rname
+            else:
+                out.append((name, b, where))
+    return out
+
+
+def _parse_inputs(name: str, body: dict[str, Any], vars_: dict[str, list[Any]], ctx: _Ctx,
+                  where: tuple[str, ...]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    for fld, role in ROLE_OF_FIELD.items():
+        if fld not in body:
+            continue
+        value = body[fld]
+        if role in SINGLE_ROLES:
+            if not isinstance(value, str):
+                raise ctx.error(where + (fld,), f"`{fld}` names one stage, got {value!r}")
+            inputs[role] = value
+            continue
+        if role == "data" and isinstance(value, str):
+            value = {"train": value}
+        if not isinstance(value, dict) or not value or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ctx.error(where + (fld,), f"`{fld}` is a mapping {{name: stage}}, got {value!r}")
+        expanded: dict[str, str] = {}
+        for k, v in value.items():
+            var = next((n for n in vars_ if any(m in k for m in _placeholders(n))), None)
+            if var is None:
+                expanded[k] = v
+            else:
+                for item in vars_[var]:
+                    marks = _placeholders(var)
+                    expanded[_subst(k, marks, item)] = _subst(v, marks, item)
+        inputs[role] = expanded
+    return inputs
+
+
+def _validate_config(kind: str, module: Any, cfg: dict[str, Any], ctx: _Ctx,
+                     where: tuple[str, ...], recipe_dir: Path) -> dict[str, Any]:
+    fields = tuple(module.Config.model_fields)
+    for key in cfg:
+        if key not in fields:
+            raise ctx.error(where + (str(key),), f"unknown field {key!r} for kind {kind}"
+                            f"{closest(str(key), fields + STAGE_FIELDS)}")
+    if kind == "data" and isinstance(cfg.get("path"), str):
+        p = Path(cfg["path"])
+        p = p if p.is_absolute() else (recipe_dir / p)
+        if not p.is_file():
+            raise ctx.error(where + ("path",), f"data file {str(p)!r} does not exist (relative "
+                            "paths are read from the recipe's folder)")
+        cfg = dict(cfg, path=str(p.resolve()))
+    try:
+        return module.Config(**cfg).model_dump(mode="json")
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) and not loc else f" (got {got!r})"
+        raise ctx.error(where + loc, f"{err['msg']}{got_s}") from None
+
+
+def _check_roles(name: str, kind: str, module: Any, inputs: dict[str, Any], ctx: _Ctx,
+                 where: tuple[str, ...]) -> None:
+    roles: dict[str, str] = module.ROLES
+    field_of = {v: k for k, v in ROLE_OF_FIELD.items()}
+    for role in inputs:
+        if role not in roles:
+            accepted = ", ".join(f"`{field_of[r]}`" for r in roles) or "no inputs"
+            raise ctx.error(where + (field_of[role],), f"kind {kind} takes no `{field_of[role]}` "
+                            f"input (it accepts {accepted})")
+    for role, need in roles.items():
+        if need == "required" and role not in inputs:
+            raise ctx.error(where, f"stage {name!r} (kind {kind}) needs `{field_of[role]}:`")
+
+
+def _toposort(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cycle = stack[stack.index(n):] + [n]
+            raise ctx.error(("stages", n), f"cycle: {' -> '.join(cycle)}; a stage cannot "
+                            "depend on itself, directly or through others")
+        state[n] = 1
+        stack.append(n)
+        for p in specs[n].parents():
+            visit(p)
+        stack.pop()
+        state[n] = 2
+        order.append(n)
+
+    for n in specs:
+        visit(n)
+    return {n: specs[n] for n in order}
+
+
+def _check_routes(recipe: dict[str, StageSpec], ctx: _Ctx) -> None:
+    """Teachers must cover the routing key's values when unmapped routes are an error."""
+    for s in recipe.values():
+        teachers = s.inputs.get("teachers")
+        if not teachers or "unmapped" not in s.config:
+            continue
+        unmapped = s.config.get("unmapped", "error")
+        if isinstance(unmapped, str) and unmapped.startswith("default:"):
+            if unmapped[8:] not in teachers:
+                raise ctx.error(("stages", s.name, "unmapped"), f"default route "
+                                f"{unmapped[8:]!r} is not a teacher route "
+                                f"({', '.join(teachers)})")
+            continue
+        if s.config.get("route_key", "domain") != "domain":
+            continue
+        values: set[str] = set()
+        for dname in (s.inputs.get("data") or {}).values():
+            d = recipe.get(dname)
+            if d is not None and d.kind == "data" and d.config.get("domains"):
+                values.update(d.config["domains"])
+        missing = sorted(values - set(teachers))
+        if missing:
+            raise ctx.error(("stages", s.name, "teachers"), f"no teacher for route(s) "
+                            f"{', '.join(missing)} of the routing key 'domain' in its data; add "
+                            f"them to teachers, or set unmapped: default:<route>")
+
+
+def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str, ...],
+                file: str) -> list[tuple[str, dict[str, Any], tuple]]:
+    by_name = {n: b for n, b, _ in stages}
+    for item in sets:
+        if "=" not in item:
+            raise RecipeError(file, f"--set {item}", "expected stage.path=value, e.g. "
+                              "--set rl_arith.max_steps=120")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) < 2 or parts[0] not in by_name:
+            raise RecipeError(file, f"--set {path}", f"no stage {parts[0]!r}"
+                              f"{closest(parts[0], tuple(by_name))}; stages: "
+                              f"{', '.join(by_name)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        body = by_name[parts[0]]
+        kind = body.get("kind")
+        fields: tuple[str, ...] = STAGE_FIELDS
+        if kind in tasks.KINDS:
+            fields = fields + tuple(tasks.module_for(kind).Config.model_fields)
+        if parts[1] not in fields:
+            raise RecipeError(file, f"--set {path}", f"stage {parts[0]!r} has no field "
+                              f"{parts[1]!r}{closest(parts[1], fields)}")
+        target = body
+        for p in parts[1:-1]:
+            nxt = target.get(p)
+            if nxt is None:
+                nxt = target[p] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(file, f"--set {path}", f"{p!r} is not a mapping")
+            target = nxt
+        target[parts[-1]] = value
+    return stages
+
+
+def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, validate and expand a recipe file. Raises RecipeError on any user error."""
+    doc, ctx = load_yaml(path)
+    for key in doc:
+        if key not in TOP_FIELDS:
+            raise ctx.error((str(key),), f"unknown top-level field {key!r}"
+                            f"{closest(str(key), TOP_FIELDS)}; a recipe has {', '.join(TOP_FIELDS)}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ctx.error(("name",), f"recipe `name:` must be a word (letters, digits, _ - .), got "
+                        f"{name!r}")
+    vars_ = doc.get("vars") or {}
+    if not isinstance(vars_, dict):
+        raise ctx.error(("vars",), "vars is a mapping {name: [values]}")
+    for k, v in vars_.items():
+        if not isinstance(v, list) or not v or not all(isinstance(x, str | int) for x in v):
+            raise ctx.error(("vars", str(k)), "a var is a non-empty list of names or numbers")
+        if len(set(v)) != len(v):
+            raise ctx.error(("vars", str(k)), "a var's values must be distinct")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ctx.error(("defaults",), "defaults is a mapping {kind: {field: value}}")
+    for k, v in defaults.items():
+        if k not in tasks.KINDS:
+            raise ctx.error(("defaults", str(k)), f"unknown kind {k!r}{closest(str(k), tuple(tasks.KINDS))}"
+                            f"; known kinds: {', '.join(tasks.KINDS)}")
+        if not isinstance(v, dict):
+            raise ctx.error(("defaults", str(k)), "defaults for a kind are a mapping of fields")
+    stages_doc = doc.get("stages")
+    if not isinstance(stages_doc, dict) or not stages_doc:
+        raise ctx.error(("stages",), "a recipe needs `stages:`, a mapping {name: stage}")
+    doc = dict(doc, vars=vars_)
+    expanded = _expand_templates(doc, ctx)
+    seen: dict[str, tuple] = {}
+    for sname, _, where in expanded:
+        if sname in seen:
+            raise ctx.error(where, f"duplicate stage name {sname!r} after expansion (also from "
+                            f"{'.'.join(seen[sname])}); rename one of them")
+        seen[sname] = where
+    expanded = _apply_sets(expanded, tuple(sets), ctx.file)
+
+    recipe_dir = Path(path).resolve().parent
+    specs: dict[str, StageSpec] = {}
+    for sname, body, where in expanded:
+        if "use" in body:
+            extra = sorted(set(body) - {"use", "description", "resources"})
+            if extra:
+                raise ctx.error(where + (extra[0],), "a `use:` stage pins an existing artifact "
+                                "and takes no other fields")
+            if not isinstance(body["use"], str) or not body["use"].strip():
+                raise ctx.error(where + ("use",), "use: takes a key, recipe:stage or "
+                                "models:/name@alias")
+            specs[sname] = StageSpec(sname, "use", {}, {}, use=body["use"].strip(),
+                                     where=".".join(where))
+            continue
+        if "kind" not in body:
+            raise ctx.error(where, f"missing `kind:` (known kinds: {', '.join(tasks.KINDS)}) "
+                            "or `use: <ref>`")
+        kind = body["kind"]
+        module = _kind_module(kind, ctx, where)
+        cfg = {k: v for k, v in body.items() if k not in STAGE_FIELDS}
+        cfg = _deep_merge(defaults.get(kind, {}), cfg)
+        config = _validate_config(kind, module, cfg, ctx, where, recipe_dir)
+        inputs = _parse_inputs(sname, body, vars_, ctx, where)
+        _check_roles(sname, kind, module, inputs, ctx, where)
+        res = body.get("resources") or {}
+        if not isinstance(res, dict) or set(res) - {"cpus", "gpus"}:
+            raise ctx.error(where + ("resources",), "resources is {cpus: N, gpus: N}")
+        for k, v in res.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "cpus" else 0):
+                raise ctx.error(where + ("resources", k), f"{k} must be an integer >= "
+                                f"{1 if k == 'cpus' else 0}, got {v!r}")
+        retries = body.get("retries", 0)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ctx.error(where + ("retries",), f"retries must be an integer >= 0, got "
+                            f"{retries!r}")
+        specs[sname] = StageSpec(sname, kind, config, inputs, Resources(**res), retries,
+                                 where=".".join(where))
+
+    for s in specs.values():
+        for p in s.parents():
+            if p not in specs:
+                role = next(r for r, v in s.inputs.items()
+                            if p == v or (isinstance(v, dict) and p in v.values()))
+                fld = {v: k for k, v in ROLE_OF_FIELD.items()}[role]
+                raise ctx.error(tuple(s.where.split(".")) + (fld,), f"stage {s.name!r} refers "
+                                f"to missing stage {p!r}{closest(p, tuple(specs))}")
+    ordered = _toposort(specs, ctx)
+    _check_routes(ordered, ctx)
+    return Recipe(name, str(doc.get("description") or ""), Path(path), vars_, ordered,
+                  tuple(sets))
+
+
+if __name__ == "__main__":
+    try:
+        r = parse(sys.argv[1], sys.argv[2:])
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for s in r.stages.values():
+        print(f"{s.name:<16} {s.kind:<6} <- {s.inputs}")

@@ -1,0 +1,178 @@
+"""The Prefect flow: one task per stage, submitted with `wait_for` its parents. Wiring only.
+
+Each task launches `posttrain stage RECIPE STAGE` as a child process (shared/DESIGN.md, "One
+stage, one process"): the flow process stays light, a crash or OOM in one stage cannot take
+down its siblings, and torch threads are set per stage from `resources.cpus`. A stage whose key
+is in the store is reused without starting a process. At most `max_parallel` stages run at
+once, and never more CPU threads than the machine has (unless --max-parallel asks for more).
+
+Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.board import Board
+
+
+# Per-run objects that cannot travel as task parameters (locks, the live board): keyed by run id.
+RUNTIME: dict[str, dict[str, Any]] = {}
+
+
+class StageFailed(RuntimeError):
+    """A stage's child process failed; the message is the stage's own error."""
+
+
+class Slots:
+    """Counting semaphore over CPU threads and concurrent stages."""
+
+    def __init__(self, cpus: int, stages: int) -> None:
+        self.cpus, self.stages = cpus, stages
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        n = min(n, self.cpus)
+        with self.cond:
+            self.cond.wait_for(lambda: self.cpus >= n and self.stages >= 1)
+            self.cpus -= n
+            self.stages -= 1
+
+    def give(self, n: int, total: int) -> None:
+        with self.cond:
+            self.cpus += min(n, total)
+            self.stages += 1
+            self.cond.notify_all()
+
+
+def _child_error(log: Path, rc: int) -> str:
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    if rc < 0:
+        return f"killed by signal {signal.Signals(-rc).name}"
+    tail = [ln for ln in lines if ln.strip()][-1:] or ["(no output)"]
+    return f"exit code {rc}: {tail[0]}"
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    rt = RUNTIME[ctx["run_id"]]
+    board: Board = rt["board"]
+    p = ctx["plan"][name]
+    if p["status"] == "fresh":
+        board.update(name, state="reused")
+        return {"stage": name, "key": p["key"], "status": "reused", "seconds": 0.0}
+    slots: Slots = rt["slots"]
+    cpus = p["cpus"]
+    slots.take(cpus)
+    try:
+        run_dir = Path(ctx["run_dir"])
+        log, progress = run_dir / f"{name}.log", run_dir / f"{name}.progress.jsonl"
+        cmd = [sys.executable, "-m", "flows.cli", "stage", ctx["recipe"], name,
+               "--store", ctx["store"], "--run-id", ctx["run_id"], "--expect-key", p["key"],
+               "--progress-file", str(progress), "--state-dir", ctx["state_dir"]]
+        for s in ctx["sets"]:
+            cmd += ["--set", s]
+        if "forced" in p["reasons"]:
+            cmd.append("--force")
+        if ctx.get("tracking_uri"):
+            cmd += ["--tracking-uri", ctx["tracking_uri"]]
+        if ctx.get("parent_run"):
+            cmd += ["--parent-run", ctx["parent_run"]]
+        threads = str(min(cpus, os.cpu_count() or 1))
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        board.update(name, state="running", started=time.time(), progress_file=str(progress))
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+        if proc.returncode != 0:
+            msg = _child_error(log, proc.returncode)
+            board.update(name, state="failed", ended=time.time(), error=msg)
+            raise StageFailed(f"stage {name}: {msg} (log: {log})")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        board.update(name, state=result["status"], ended=time.time())
+        return result
+    finally:
+        slots.give(cpus, rt["slots_total"])
+
+
+@flow(name="posttrain", persist_result=False, log_prints=False)
+def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    futures: dict[str, Any] = {}
+    for name, p in ctx["plan"].items():
+        task_ = stage_task.with_options(name=f"{recipe_name}:{name}", retries=p["retries"],
+                                        task_run_name=name)
+        futures[name] = task_.submit(name, ctx, wait_for=[futures[x] for x in p["parents"]])
+    results, failures = [], []
+    for name, fut in futures.items():
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            results.append(fut.result())
+            continue
+        board: Board = RUNTIME[ctx["run_id"]]["board"]
+        err = board.get(name).get("error")
+        if state.is_failed() and err:
+            failures.append(f"stage {name}: {err}")
+        else:
+            err = "not run: an upstream stage failed"
+            board.update(name, state="failed", error=err)
+        results.append({"stage": name, "key": ctx["plan"][name]["key"], "status": "failed",
+                        "seconds": 0.0, "error": err})
+    RUNTIME[ctx["run_id"]]["results"] = results
+    _post_artifacts(ctx)
+    if failures:
+        raise StageFailed("; ".join(failures))
+    return results
+
+
+def _post_artifacts(ctx: dict[str, Any]) -> None:
+    """Lineage graph + eval table on the flow run's Artifacts tab (best effort)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        from artifacts import pictures
+
+        manifests = RUNTIME[ctx["run_id"]].get("manifests_fn", lambda: [])()
+        if not manifests:
+            return
+        create_markdown_artifact(pictures.mermaid_for_manifests(manifests),
+                                 key="posttrain-lineage", description="Lineage of this run")
+        _, rows = pictures.eval_table(manifests)
+        if rows:
+            create_table_artifact(rows, key="posttrain-eval", description="Eval per stage")
+    except Exception as e:  # never fail a finished run over a picture
+        print(f"warning: could not post Prefect artifacts: {e}", file=sys.stderr)
+
+
+def execute(recipe_name: str, ctx: dict[str, Any], max_parallel: int, runner: str) -> Any:
+    """Run the flow with the chosen task runner; returns the flow's final state.
+
+    RUNTIME[ctx["run_id"]] must hold "board" (and optionally "manifests_fn") beforehand; the
+    results land in RUNTIME[ctx["run_id"]]["results"].
+    """
+    slots_total = max(os.cpu_count() or 1, max_parallel)
+    RUNTIME[ctx["run_id"]].update(slots=Slots(slots_total, max_parallel),
+                                  slots_total=slots_total)
+    if runner == "ray":
+        from prefect_ray import RayTaskRunner  # optional extra: pip install posttrain[ray]
+
+        task_runner: Any = RayTaskRunner()
+    else:
+        task_runner = ThreadPoolTaskRunner(max_workers=max(len(ctx["plan"]), 1))
+    f = recipe_flow.with_options(task_runner=task_runner, flow_run_name=ctx["run_id"])
+    return f(recipe_name, ctx, return_state=True)

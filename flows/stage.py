@@ -1,0 +1,192 @@
+"""Run exactly one stage in this process: `posttrain stage RECIPE STAGE`.
+
+This is the unit that every scheduler wraps: the Prefect flow launches it as a child process
+per stage, a DVC stage calls it, a Kubernetes job or `accelerate launch` runs it on a cluster.
+It recomputes the stage's key from the recipe, resolves its inputs in the store (they must be
+there already), builds the payload in a staging directory, writes the manifest last, points
+`refs/<recipe>/<stage>` at the key and mirrors the stage to MLflow (never fatal).
+
+Fault injection for tests (documented, inert unless set): POSTTRAIN_FAULT="<stage>:kill" kills
+the process with SIGKILL as the stage starts; "<stage>:kill-before-manifest" kills it after the
+payload is in place and before the manifest is written.
+
+Run: ``posttrain stage recipes/mimo_tiny.yaml sft``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from artifacts import manifest as manifest_mod
+from artifacts.refs import ArtifactRef, Inputs, StageInputError
+from artifacts.store import Store, atomic_write
+from flows.plan import PlannedStage, plan
+from flows.recipe import RecipeError, parse
+
+
+class ProgressWriter:
+    """Turns progress(step, total, metrics) into JSON lines for the flow's live table."""
+
+    def __init__(self, path: str | None, stage: str) -> None:
+        self.path, self.stage, self.last = path, stage, 0.0
+        self.tty = sys.stderr.isatty() and path is None
+
+    def __call__(self, step: int, total: int, metrics: Any) -> None:
+        now = time.time()
+        if now - self.last < 0.5 and step < total:
+            return
+        self.last = now
+        row = {"t": now, "step": step, "total": total,
+               **{k: float(v) for k, v in dict(metrics).items()
+                  if isinstance(v, int | float)}}
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tty:
+            width = 30
+            done = int(width * step / max(total, 1))
+            extra = " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                             if k not in ("t", "step", "total"))
+            print(f"\r{self.stage} [{'#' * done}{'.' * (width - done)}] {step}/{total} {extra}",
+                  end="", file=sys.stderr, flush=True)
+            if step >= total:
+                print(file=sys.stderr)
+
+
+def _fault(stage: str, point: str) -> None:
+    if os.environ.get("POSTTRAIN_FAULT") == f"{stage}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _ref(store: Store, key: str) -> ArtifactRef:
+    m = store.manifest(key) or {}
+    return ArtifactRef(key=key, path=store.local_path(key), kind=m.get("kind", "?"),
+                       stage=m.get("stage", "?"), recipe=m.get("recipe", "?"), manifest=m)
+
+
+def _inputs(ps: PlannedStage, store: Store, recipe_file: str) -> tuple[Inputs, dict[str, Any]]:
+    refs: dict[str, Any] = {}
+    edges: dict[str, Any] = {}
+    for role, value in ps.input_keys.items():
+        pairs = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, key in pairs:
+            parent = ps.spec.inputs[role][sub] if sub else ps.spec.inputs[role]
+            if not store.has(key):
+                raise StageInputError(
+                    f"{recipe_file}: stage {ps.name!r}: its input {role}{'.' + sub if sub else ''}"
+                    f" (stage {parent!r}, key {key[:12]}) is not in the store {store.uri}; build "
+                    f"it first: posttrain run {recipe_file}")
+            ref = _ref(store, key)
+            edge = {"key": key, "recipe": ref.recipe, "stage": ref.stage, "kind": ref.kind}
+            if sub:
+                refs.setdefault(role, {})[sub] = ref
+                edges.setdefault(role, {})[sub] = edge
+            else:
+                refs[role] = ref
+                edges[role] = edge
+    return Inputs(**refs), edges
+
+
+def _sft_root(ps: PlannedStage, inputs: Inputs) -> str | None:
+    if ps.spec.kind == "sft":
+        return ps.key
+    return inputs.init.sft_root if inputs.init else None
+
+
+def write_pointer(path: str | None, store: Store, ps: PlannedStage, recipe: str) -> None:
+    """A small JSON file standing for the artifact (what DVC tracks instead of checkpoints)."""
+    if path:
+        atomic_write(Path(path), json.dumps({"key": ps.key, "store": store.uri, "recipe": recipe,
+                                             "stage": ps.name}, indent=2) + "\n")
+
+
+def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
+              force: bool = False, run_id: str | None = None, expect_key: str | None = None,
+              pointer: str | None = None, progress_file: str | None = None,
+              state_dir: Path = Path(".posttrain"), tracking_uri: str | None = None,
+              parent_run: str | None = None) -> dict[str, Any]:
+    """Build one stage (or reuse it); returns {"stage", "key", "status", "seconds"}."""
+    recipe = parse(recipe_file, sets)
+    if stage not in recipe.stages:
+        from flows.recipe import closest
+
+        raise RecipeError(recipe_file, f"stage {stage}", f"no such stage"
+                          f"{closest(stage, tuple(recipe.stages))}; stages: "
+                          f"{', '.join(recipe.stages)}")
+    store = Store(store_uri)
+    ps = next(p for p in plan(recipe, store, force={stage} if force else set(),
+                              state_dir=state_dir, tracking_uri=tracking_uri)
+              if p.name == stage)
+    if expect_key and expect_key != ps.key:
+        raise StageInputError(f"stage {stage!r}: key {ps.key[:12]} differs from the planned "
+                              f"{expect_key[:12]}: the recipe or code changed during the run; "
+                              "run again")
+    t0 = time.time()
+    if ps.spec.kind == "use":
+        store.set_ref(recipe.name, stage, ps.key)
+        write_pointer(pointer, store, ps, recipe.name)
+        return {"stage": stage, "key": ps.key, "status": "reused", "seconds": 0.0}
+    _fault(stage, "kill")
+    inputs, edges = _inputs(ps, store, recipe_file)
+    with store.lock(ps.key):
+        if store.has(ps.key) and not force:
+            store.set_ref(recipe.name, stage, ps.key)
+            write_pointer(pointer, store, ps, recipe.name)
+            return {"stage": stage, "key": ps.key, "status": "reused",
+                    "seconds": round(time.time() - t0, 3)}
+        from tasks import module_for
+
+        module = module_for(ps.spec.kind)
+        if module.PRODUCES == "model":
+            import torch  # threads are per stage: set before any work
+
+            torch.set_num_threads(ps.spec.resources.cpus)
+        config = module.Config(**ps.spec.config)
+        staged = store.staging_dir(ps.key)
+        try:
+            started = time.time()
+            metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
+            ended = time.time()
+            metrics = dict(metrics or {})
+            warnings = list(metrics.pop("warnings", []) or [])
+            man = manifest_mod.build(
+                recipe=recipe.name, stage=stage, kind=ps.spec.kind, produces=module.PRODUCES,
+                config=ps.spec.config, inputs=ps.input_keys, input_refs=edges,
+                data_digests=ps.data_digests, code_digest=ps.code_digest,
+                code_files=ps.code_files, metrics=metrics, started=started, ended=ended,
+                sft_root=_sft_root(ps, inputs), warnings=warnings, run_id=run_id)
+            man["key"] = ps.key
+            man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri)
+            store.publish(ps.key, staged, man,
+                          before_manifest=lambda: _fault(stage, "kill-before-manifest"))
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+    store.set_ref(recipe.name, stage, ps.key)
+    write_pointer(pointer, store, ps, recipe.name)
+    for w in warnings:
+        print(f"warning: stage {stage}: {w}", file=sys.stderr)
+    ev = metrics.get("eval") or {}
+    if ev:
+        print(f"{stage}: eval " + " ".join(f"{d}={a:.3f}" for d, a in ev.items()),
+              file=sys.stderr)
+    return {"stage": stage, "key": ps.key, "status": "trained",
+            "seconds": round(time.time() - t0, 3)}
+
+
+def _track(man: dict[str, Any], state_dir: Path, tracking_uri: str | None,
+           parent_run: str | None, store_uri: str) -> dict[str, Any] | None:
+    if os.environ.get("POSTTRAIN_TRACKING", "on") == "off":
+        return None
+    try:
+        from artifacts.tracking import Tracker
+    except ImportError:
+        return None
+    return Tracker(tracking_uri, state_dir).log_stage(man, "trained", parent_run, store_uri)

@@ -1,0 +1,196 @@
+"""Stage kind `data`: a training set of prompt/completion/answer/domain rows as JSONL.
+
+Either generated from the synthetic domains (`domains`, `mix` weights, `size`, `seed`), drawn
+only from the train split of each domain so evaluation problems never leak into training, or read
+from a user JSONL file (`path`), every row validated: each needs `prompt`, `completion` or
+`answer`, and a known `domain` (the verifier of that domain scores RL and evaluation). A bad row
+raises StageInputError naming ``path:line`` and the fix. User rows whose prompt falls in the
+held-out split are kept but counted in a warning (they would inflate held-out accuracy).
+
+Writes ``out_dir/train.jsonl``; metrics ``{"rows": n, "domains": {domain: count}}``.
+
+Run: ``python -m tasks.data /tmp/data arith reverse`` writes 1,000 rows of each.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from artifacts.refs import Inputs, Progress, StageInputError, no_progress
+from tasks import domains as _domains
+
+PRODUCES = "dataset"
+ROLES: dict[str, str] = {}
+FILENAME = "train.jsonl"
+
+
+def _check_domains(names: list[str]) -> None:
+    for name in names:
+        if name not in _domains.DOMAINS:
+            raise ValueError(f"unknown domain {name!r}; known: {', '.join(_domains.DOMAINS)}")
+
+
+class Config(BaseModel):
+    """Generate rows from synthetic domains, or validate and copy a user JSONL file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    domains: list[str] = Field(
+        default_factory=list,
+        description="Domains to generate (see tasks.domains.DOMAINS); with `path`, keep only "
+        "rows of these domains (empty: keep all).",
+    )
+    mix: dict[str, float] | None = Field(
+        None,
+        description="Relative weight per domain, e.g. {arith: 3, reverse: 1}; must name exactly "
+        "the listed domains. None: equal shares.",
+    )
+    size: int = Field(20_000, ge=1, description="Rows to generate (ignored with `path`).")
+    seed: int = Field(0, description="Seed of the generator and of the row shuffle.")
+    path: str | None = Field(
+        None,
+        description="A user JSONL file (rows: prompt, completion and/or answer, domain) used "
+        "instead of generating.",
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> Config:
+        _check_domains(self.domains)
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains listed twice: {self.domains}")
+        if self.path is None and not self.domains:
+            raise ValueError("give `domains` to generate, or `path` to a JSONL file")
+        if self.mix is not None:
+            if self.path is not None:
+                raise ValueError("`mix` applies to generated data only; remove it or `path`")
+            missing = sorted(set(self.domains) - set(self.mix))
+            extra = sorted(set(self.mix) - set(self.domains))
+            if missing or extra:
+                raise ValueError(
+                    f"`mix` must weight exactly the listed domains: missing {missing}, extra {extra}"
+                )
+            if any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
+                raise ValueError(f"`mix` weights must be >= 0 with a positive sum: {self.mix}")
+        return self
+
+
+def apportion(size: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `size` rows by weight (largest remainder, so counts sum to `size` exactly).
+
+    >>> apportion(7, {"arith": 3, "reverse": 1, "sort": 1, "count": 2})
+    {'arith': 3, 'reverse': 1, 'sort': 1, 'count': 2}
+    >>> sum(apportion(10, {"a": 1, "b": 1, "c": 1}).values())
+    10
+    """
+    total = sum(weights.values())
+    exact = {d: size * w / total for d, w in weights.items()}
+    counts = {d: int(x) for d, x in exact.items()}
+    by_remainder = sorted(weights, key=lambda d: (exact[d] - counts[d], -list(weights).index(d)))
+    for d in reversed(by_remainder[len(by_remainder) - (size - sum(counts.values())) :]):
+        counts[d] += 1
+    return counts
+
+
+def read_rows(path: Path, keep: list[str] | None = None) -> list[dict]:
+    """Validated rows of a user JSONL file (StageInputError names path:line and the fix)."""
+    if not path.is_file():
+        raise StageInputError(f"data file {path} does not exist; fix `path` in the data stage")
+    rows: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageInputError(f"{where}: not valid JSON ({e.msg}); one object per line") from e
+            if not isinstance(row, dict):
+                raise StageInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append(_normalise(row, where))
+    if not rows:
+        raise StageInputError(f"{path}: no rows; a data file needs at least one JSON object")
+    return [r for r in rows if not keep or r["domain"] in keep]
+
+
+def _normalise(row: dict, where: str) -> dict:
+    for field in ("prompt", "domain"):
+        if not isinstance(row.get(field), str):
+            raise StageInputError(f"{where}: missing or non-string field {field!r}; add it to the row")
+    if row["domain"] not in _domains.DOMAINS:
+        raise StageInputError(
+            f"{where}: unknown domain {row['domain']!r}; use one of {', '.join(_domains.DOMAINS)} "
+            "or add a domain to tasks/domains.py"
+        )
+    completion, answer = row.get("completion"), row.get("answer")
+    if not isinstance(completion, str) and not isinstance(answer, str):
+        raise StageInputError(
+            f"{where}: missing field 'completion' (for SFT) or 'answer' (for RL); add one"
+        )
+    completion = completion if isinstance(completion, str) else answer
+    answer = answer if isinstance(answer, str) else completion
+    return {"prompt": row["prompt"], "completion": completion, "answer": answer,
+            "domain": row["domain"]}
+
+
+def generate_rows(config: Config) -> list[dict]:
+    """The generated rows of `config`, shuffled (train split only)."""
+    weights = config.mix or {d: 1.0 for d in config.domains}
+    counts = apportion(config.size, {d: float(weights[d]) for d in config.domains})
+    rows = [r for d in config.domains for r in _domains.generate(d, counts[d], config.seed, "train")]
+    random.Random(config.seed).shuffle(rows)
+    return rows
+
+
+def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
+    """Write ``out_dir/train.jsonl``; return row counts (and a leak warning for user data)."""
+    warnings: list[str] = []
+    if config.path is not None:
+        rows = read_rows(Path(config.path), config.domains or None)
+        leaked = sum(_domains.split_of(r["prompt"]) == "heldout" for r in rows)
+        if leaked:
+            warnings.append(
+                f"{leaked} of {len(rows)} rows of {config.path} are held-out evaluation problems"
+            )
+    else:
+        rows = generate_rows(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / FILENAME).open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    progress(1, 1, {"rows": float(len(rows))})
+    per_domain: dict[str, int] = {}
+    for r in rows:
+        per_domain[r["domain"]] = per_domain.get(r["domain"], 0) + 1
+    metrics: dict = {"rows": len(rows), "domains": per_domain}
+    if warnings:
+        metrics["warnings"] = warnings
+    return metrics
+
+
+def data_file(inputs: Inputs) -> Path:
+    """The train.jsonl of a stage's data input ("train", else the only one)."""
+    if "train" in inputs.data:
+        ref = inputs.data["train"]
+    elif len(inputs.data) == 1:
+        ref = next(iter(inputs.data.values()))
+    else:
+        raise StageInputError(
+            f"need a data input named 'train' (got {sorted(inputs.data) or 'none'}); "
+            "set `data: {train: <stage>}` in the recipe"
+        )
+    path = Path(ref.path) / FILENAME
+    if not path.is_file():
+        raise StageInputError(f"data input {ref.stage!r} has no {FILENAME} at {path}")
+    return path
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/data")
+    cfg = Config(domains=sys.argv[2:] or ["arith"], size=1000 * max(1, len(sys.argv[2:])))
+    print(run(cfg, Inputs(), target))
