@@ -49,7 +49,7 @@ def _node(m: dict[str, Any]) -> dict[str, Any]:
             "missing": False}
 
 
-def _edges_of(m: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def input_edges(m: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(role label, parent key, input_ref) for every input of one manifest."""
     out = []
     refs = m.get("input_refs") or {}
@@ -72,7 +72,7 @@ def build(store: Store) -> Graph:
     for m in manifests:
         g.nodes[m["key"]] = _node(m)
     for m in manifests:
-        for role, parent, ref in _edges_of(m):
+        for role, parent, ref in input_edges(m):
             if parent not in g.nodes:
                 g.nodes[parent] = {"key": parent, "recipe": ref.get("recipe"),
                                    "stage": ref.get("stage"), "kind": ref.get("kind"),

@@ -184,7 +184,7 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
                    f'{e(n["key"][:12])}</text>'
                    f'<text x="{x + 8}" y="{y + 51}" font-size="10">{e(ev[:40])}</text></g>')
     svg.append("</svg>")
-    md, rows = eval_table(sub["nodes"])
+    _, rows = eval_table(sub["nodes"])
     domains = [k for k in (rows[0] if rows else {}) if k not in ("stage", "recipe", "kind", "key")]
     head = "".join(f"<th>{e(h)}</th>" for h in ["recipe:stage", "kind", "role", "key", *domains])
     body = []

@@ -161,9 +161,13 @@ MAX_HISTORY = 200
 
 def quiet() -> None:
     """Silence per-file progress bars and info logs (the stage runner shows its own progress)."""
+    import warnings
+
     import datasets
     import transformers
 
+    # TRL's configs still set the renamed `gradient_checkpointing` field; the rename is not ours.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* deprecated", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.disable_progress_bar()

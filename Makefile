@@ -1,0 +1,38 @@
+# `make demo` and `make test` each create .venv and install everything first (idempotent).
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-slow lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned (the CPU wheel on disk); constraints keep every later resolve on it.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, prefect, mlflow, transformers, trl, flows.cli" && touch $(STAMP)
+
+demo: install
+	.venv/bin/posttrain run recipes/mimo_tiny.yaml
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	.venv/bin/ruff check .
+
+bench: install
+	$(PY) bench/plan_speed.py
+
+clean:
+	rm -rf .posttrain

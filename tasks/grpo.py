@@ -1,0 +1,241 @@
+"""Stage kind `grpo`: RL with verifiable rewards through TRL's GRPOTrainer.
+
+Starts from `init`, samples `num_generations` completions per prompt of the `data` input (rows
+with prompt/answer/domain, optionally filtered to `domains`: a specialist trains on one), and
+scores each with ONE reward function that dispatches on the row's `domain` column to
+`tasks.domains.reward` (TRL passes extra dataset columns to reward functions as kwargs). It logs
+the mean reward per domain too, so a multi-domain run shows which domain moves. After training,
+greedy held-out accuracy on `eval_domains` (default: every domain of the data input, so a
+specialist's regressions elsewhere are visible) and the final model is saved.
+
+`per_device_train_batch_size` counts completions (TRL's convention): 128 = 16 prompts x G=8.
+`beta` is the KL-to-reference coefficient (TRL default 0: no reference model is built). With
+beta > 0 the reference is the `reference` input when given, else the `init` model; it must share
+the student's tokenizer (checked). vLLM generation (`use_vllm`) needs vllm importable and CUDA.
+
+Departures from TRL defaults (why): fp32 and no gradient checkpointing (tiny model, CPU);
+logging every step (the reward curve is the `history` metric). Other GRPOConfig fields go in
+`trainer: {...}`.
+
+Run: ``python -m tasks.grpo INIT_DIR DATA_DIR OUT_DIR DOMAIN [max_steps]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
+from tasks import domains as _domains
+
+PRODUCES = "model"
+ROLES = {"init": "required", "data": "required", "reference": "optional"}
+
+_TRL_FIELDS = ("max_steps", "num_generations", "per_device_train_batch_size", "learning_rate",
+               "beta", "loss_type", "max_completion_length", "temperature", "use_vllm", "seed")
+
+
+class Config(BaseModel):
+    """GRPO hyper-parameters; `trainer` passes any other GRPOConfig field through to TRL."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_steps: int = Field(150, ge=1, description="Optimizer steps (one generation round each).")
+    num_generations: int = Field(8, ge=2, description="Completions per prompt (group size G).")
+    per_device_train_batch_size: int = Field(
+        128, ge=2, description="Completions per step (prompts x num_generations)."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    beta: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0: no reference).")
+    loss_type: str = Field("dapo", description="TRL GRPO loss (dapo, grpo, dr_grpo, bnpo, ...).")
+    max_completion_length: int = Field(8, ge=1, description="Max new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    domains: list[str] | None = Field(
+        None, description="Train only on rows of these domains (None: all rows of the data)."
+    )
+    eval_domains: list[str] | None = Field(
+        None, description="Domains to evaluate after training (None: every domain in the data)."
+    )
+    use_vllm: bool = Field(False, description="Generate rollouts with vLLM (needs CUDA + vllm).")
+    vllm_mode: Literal["server", "colocate"] = Field(
+        "colocate", description="vLLM in this process (colocate) or a `trl vllm-serve` server."
+    )
+    vllm_server_base_url: str | None = Field(
+        None, description="URL of the vLLM server (vllm_mode=server), e.g. http://host:8000."
+    )
+    seed: int = Field(0, description="Seed of prompt order and sampling.")
+    eval_n: int = Field(500, ge=0, description="Held-out problems per domain for evaluation.")
+    trainer: dict[str, Any] = Field(
+        default_factory=dict, description="Extra TRL GRPOConfig fields, passed through as is."
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> Config:
+        from tasks.models import check_passthrough
+
+        check_passthrough(self.trainer, set(type(self).model_fields) - {"trainer", "eval_n"})
+        for name in (*(self.domains or []), *(self.eval_domains or [])):
+            if name not in _domains.DOMAINS:
+                raise ValueError(f"unknown domain {name!r}; known: {', '.join(_domains.DOMAINS)}")
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size {self.per_device_train_batch_size} must be a "
+                f"multiple of num_generations {self.num_generations}"
+            )
+        return self
+
+
+def domain_reward(
+    prompts: list, completions: list, answer: list[str], domain: list[str], **kwargs: Any
+) -> list[float]:
+    """One reward for every domain: the row's own verifier (also logs the mean per domain)."""
+    rewards = [_domains.reward(d, c, a) for c, a, d in zip(completions, answer, domain, strict=True)]
+    log_metric = kwargs.get("log_metric")
+    if log_metric is not None:
+        for name in sorted(set(domain)):
+            mine = [r for r, d in zip(rewards, domain, strict=True) if d == name]
+            log_metric(f"reward/{name}", sum(mine) / len(mine))
+    return rewards
+
+
+def _check_vllm(config: Config) -> None:
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise StageInputError(
+            "use_vllm is set but vllm is not importable in this environment; install vllm here "
+            "(colocate) or run `trl vllm-serve` elsewhere, or set use_vllm: false"
+        )
+    if not torch.cuda.is_available():
+        raise StageInputError("use_vllm is set but no CUDA device is visible; set use_vllm: false")
+    if config.vllm_mode == "server" and not config.vllm_server_base_url:
+        raise StageInputError("vllm_mode server needs vllm_server_base_url (e.g. http://host:8000)")
+
+
+def _check_reference(reference: ArtifactRef, init: ArtifactRef, model: Any) -> None:
+    from transformers import AutoConfig
+
+    from tasks.models import load_tokenizer, tokenizer_fingerprint
+
+    mine = tokenizer_fingerprint(load_tokenizer(init.path), model.config)
+    ref_config = AutoConfig.from_pretrained(str(reference.path))
+    theirs = tokenizer_fingerprint(load_tokenizer(reference.path), ref_config)
+    diff = sorted(k for k in mine if mine[k] != theirs[k])
+    if diff:
+        raise StageInputError(
+            f"reference {reference.stage!r} is incompatible with init {init.stage!r}: {diff} differ; "
+            "use a reference built from the same tokenizer"
+        )
+
+
+def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
+    """GRPO-train `init` on the data rows; save to `out_dir`; return eval/train/history."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tasks import models
+    from tasks.data import data_file
+    from tasks.evaluate import evaluate
+    from tasks.sft import init_ref, read_jsonl, require_columns
+
+    models.quiet()
+    if config.use_vllm:
+        _check_vllm(config)
+    path = data_file(inputs)
+    rows = read_jsonl(path)
+    require_columns(rows, path, ("prompt", "answer", "domain"))
+    present = sorted({r["domain"] for r in rows})
+    if config.domains is not None:
+        rows = [r for r in rows if r["domain"] in config.domains]
+        if not rows:
+            raise StageInputError(
+                f"{path} has no rows of domains {config.domains}; it has {present}"
+            )
+    unknown = sorted({r["domain"] for r in rows} - set(_domains.DOMAINS))
+    if unknown:
+        raise StageInputError(f"{path}: rows of unknown domains {unknown} have no verifier")
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "answer": r["answer"], "domain": r["domain"]} for r in rows]
+    )
+
+    init = init_ref(inputs)
+    tokenizer = models.load_tokenizer(init.path)
+    model = models.load_model(init.path)
+    warnings: list[str] = []
+    if inputs.reference is not None:
+        if config.beta > 0:
+            _check_reference(inputs.reference, init, model)
+            # TRL builds its reference model from config._name_or_path; point it at ours.
+            model.config._name_or_path = str(inputs.reference.path)
+        else:
+            warnings.append("a reference input was given but beta == 0: it is not used")
+
+    history: list[dict] = []
+    keys = {"reward": "reward", "reward_std": "reward_std", "loss": "loss", "kl": "kl",
+            "frac_reward_zero_std": "frac_zero_std", "entropy": "entropy",
+            "completions/mean_length": "mean_length", "num_tokens": "num_tokens"}
+    keys.update({f"reward/{d}": f"reward/{d}" for d in _domains.DOMAINS})
+    callback = models.progress_callback(progress, config.max_steps, history, keys)
+    work = out_dir / ".trainer"
+    args = {
+        **models.trainer_defaults(work),
+        "use_cpu": not torch.cuda.is_available(),
+        **({"vllm_mode": config.vllm_mode} if config.use_vllm else {}),
+        **({"vllm_server_base_url": config.vllm_server_base_url}
+           if config.use_vllm and config.vllm_server_base_url else {}),
+        **config.trainer,
+        **config.model_dump(include=set(_TRL_FIELDS)),
+    }
+    try:
+        grpo_args = GRPOConfig(**args)
+    except (TypeError, ValueError) as e:
+        raise StageInputError(f"invalid GRPOConfig from the stage's fields: {e}") from e
+    trainer = GRPOTrainer(model=model, reward_funcs=[domain_reward], args=grpo_args,
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    models.silence_printer(trainer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    model = trainer.model
+    model.config._name_or_path = str(out_dir)
+    models.save_model(model, tokenizer, out_dir)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    rewards = [h["reward"] for h in history if "reward" in h]
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0.0)
+    tail = rewards[-10:]
+    train = {
+        "final_reward": sum(tail) / len(tail) if tail else float("nan"),
+        "first_reward": rewards[0] if rewards else float("nan"),
+        "steps": float(trainer.state.global_step),
+        "seconds": seconds,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "rows": float(len(rows)),
+    }
+    eval_domains = config.eval_domains if config.eval_domains is not None else present
+    scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
+    metrics: dict = {"eval": scores, "train": train, "history": models.subsample(history)}
+    if warnings:
+        metrics["warnings"] = warnings
+    return metrics
+
+
+if __name__ == "__main__":
+    init_dir, data_dir, out = (Path(a) for a in sys.argv[1:4])
+    dom = sys.argv[4] if len(sys.argv) > 4 else "arith"
+    steps = int(sys.argv[5]) if len(sys.argv) > 5 else 150
+
+    def _ref(p: Path, kind: str) -> ArtifactRef:
+        return ArtifactRef(key="0" * 64, path=p, kind=kind, stage=kind, recipe="cli")
+
+    ins = Inputs(init=_ref(init_dir, "sft"), data={"train": _ref(data_dir, "data")})
+    print(run(Config(max_steps=steps, domains=[dom]), ins, out,
+              lambda s, t, m: print(s, t, dict(m))))
