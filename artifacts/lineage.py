@@ -40,6 +40,13 @@ class Graph:
     children: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
+def role_order(role: str) -> tuple[int, str]:
+    """init, reference, reward_model, teacher:*, data:*: the order people read a stage's inputs."""
+    head = role.split(":", 1)[0]
+    rank = {"init": 0, "reference": 1, "reward_model": 2, "teacher": 3, "data": 4}
+    return rank.get(head, 5), role
+
+
 def _node(m: dict[str, Any]) -> dict[str, Any]:
     metrics = m.get("metrics") or {}
     return {"key": m["key"], "recipe": m.get("recipe"), "stage": m.get("stage"),
@@ -82,6 +89,9 @@ def build(store: Store) -> Graph:
             g.edges.append(e)
             g.parents.setdefault(m["key"], []).append(e)
             g.children.setdefault(parent, []).append(e)
+    for adj in (g.parents, g.children):  # BFS then meets init before reference, data last
+        for lst in adj.values():
+            lst.sort(key=lambda e: role_order(e["role"]))
     return g
 
 
@@ -131,7 +141,7 @@ def _walk(g: Graph, key: str, up: bool, depth: int | None) -> dict[str, Any]:
     roles: dict[str, set[str]] = {}
     for e in edges:
         roles.setdefault(e["parent"] if up else e["child"], set()).add(e["role"])
-    nodes = [dict(g.nodes[k], depth=d, role=first_role[k], roles=sorted(roles.get(k, ())))
+    nodes = [dict(g.nodes[k], depth=d, role=first_role[k], roles=sorted(roles.get(k, ()), key=role_order))
              for k, d in sorted(seen.items(), key=lambda kv: (kv[1], label(g.nodes[kv[0]])))]
     return {"root": key, "direction": "up" if up else "down", "nodes": nodes, "edges": edges}
 
@@ -242,7 +252,7 @@ def tree(sub: dict[str, Any]) -> str:
     shown = {sub["root"]}
 
     def rec(k: str, prefix: str) -> None:
-        kids = sorted(adj.get(k, []), key=lambda e: e["role"])
+        kids = sorted(adj.get(k, []), key=lambda e: role_order(e["role"]))
         for i, e in enumerate(kids):
             last = i == len(kids) - 1
             nxt = e["parent"] if up else e["child"]

@@ -33,8 +33,10 @@ def _ref(path: Path, kind: str):  # noqa: ANN202
 
 def _say(step: int, total: int, metrics: dict) -> None:
     if step % 50 == 0 or step == total:
-        print(f"  step {step}/{total} " + " ".join(f"{k}={v:.3g}" for k, v in metrics.items()),
-              flush=True)
+        print(
+            f"  step {step}/{total} " + " ".join(f"{k}={v:.3g}" for k, v in metrics.items()),
+            flush=True,
+        )
 
 
 def stage_data(a: argparse.Namespace) -> dict:
@@ -57,9 +59,15 @@ def stage_sft(a: argparse.Namespace) -> dict:
     from artifacts.refs import Inputs
     from tasks import sft
 
-    cfg = sft.Config(max_steps=a.sft_steps, learning_rate=a.sft_lr, warmup_steps=a.sft_warmup,
-                     per_device_train_batch_size=a.sft_batch, lr_scheduler_type=a.sft_sched,
-                     seed=a.seed, eval_n=a.eval_n)
+    cfg = sft.Config(
+        max_steps=a.sft_steps,
+        learning_rate=a.sft_lr,
+        warmup_steps=a.sft_warmup,
+        per_device_train_batch_size=a.sft_batch,
+        lr_scheduler_type=a.sft_sched,
+        seed=a.seed,
+        eval_n=a.eval_n,
+    )
     ins = Inputs(init=_ref(a.out / "base", "base"), data={"train": _ref(a.out / "data", "data")})
     return sft.run(cfg, ins, a.out / "sft", _say)
 
@@ -68,10 +76,18 @@ def stage_rl_one(a: argparse.Namespace, domain: str) -> dict:
     from artifacts.refs import Inputs
     from tasks import grpo
 
-    cfg = grpo.Config(max_steps=a.rl_steps, learning_rate=a.rl_lr, num_generations=a.rl_g,
-                      per_device_train_batch_size=a.rl_batch, beta=0.0,
-                      max_completion_length=8, domains=[domain], seed=a.seed, eval_n=a.eval_n,
-                      trainer=json.loads(a.rl_trainer))
+    cfg = grpo.Config(
+        max_steps=a.rl_steps,
+        learning_rate=a.rl_lr,
+        num_generations=a.rl_g,
+        per_device_train_batch_size=a.rl_batch,
+        beta=0.0,
+        max_completion_length=8,
+        domains=[domain],
+        seed=a.seed,
+        eval_n=a.eval_n,
+        trainer=json.loads(a.rl_trainer),
+    )
     ins = Inputs(init=_ref(a.out / "sft", "sft"), data={"train": _ref(a.out / "data", "data")})
     return grpo.run(cfg, ins, a.out / f"rl_{domain}", _say)
 
@@ -85,15 +101,24 @@ def stage_rl(a: argparse.Namespace) -> dict:
             d = todo.pop(0)
             cmd = [sys.executable, __file__, "--rl-one", d, *sys.argv[1:]]
             log = open(a.out / f"rl_{d}.log", "w")  # noqa: SIM115
-            running.append((d, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
-                            time.perf_counter()))
+            running.append(
+                (
+                    d,
+                    subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                    time.perf_counter(),
+                )
+            )
         time.sleep(1)
         for item in list(running):
             d, proc, t0 = item
             if proc.poll() is not None:
                 running.remove(item)
                 result = a.out / f"rl_{d}.json"
-                done[d] = json.loads(result.read_text()) if result.exists() else {"error": proc.returncode}
+                done[d] = (
+                    json.loads(result.read_text())
+                    if result.exists()
+                    else {"error": proc.returncode}
+                )
                 done[d]["wall"] = time.perf_counter() - t0
                 print(f"rl_{d}: {done[d].get('eval')} in {done[d]['wall']:.0f}s", flush=True)
     return done

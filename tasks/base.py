@@ -58,7 +58,9 @@ class Config(BaseModel):
         if unknown:
             raise ValueError(f"unknown domains {unknown}; known: {', '.join(_domains.DOMAINS)}")
         if self.model is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
+            raise ValueError(
+                f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}"
+            )
         if self.max_steps and not self.domains:
             raise ValueError("pretraining (max_steps > 0) needs `domains`")
         return self
@@ -94,8 +96,12 @@ def _pretrain(model, tokenizer, config: Config, progress: Progress, history: lis
     finally:
         tokenizer.padding_side = side
     seconds = time.perf_counter() - start
-    return {"final_loss": loss.item(), "steps": config.max_steps, "seconds": seconds,
-            "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+    return {
+        "final_loss": loss.item(),
+        "steps": config.max_steps,
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / max(seconds, 1e-9),
+    }
 
 
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
@@ -110,8 +116,12 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     else:
         tokenizer = models.build_tokenizer()
         model = models.build_tiny_model(
-            tokenizer, config.hidden_size, config.num_layers, config.num_heads,
-            config.intermediate_size, config.seed,
+            tokenizer,
+            config.hidden_size,
+            config.num_layers,
+            config.num_heads,
+            config.intermediate_size,
+            config.seed,
         )
     history: list[dict] = []
     train = {"parameters": float(models.n_parameters(model))}

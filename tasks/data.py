@@ -72,7 +72,7 @@ class Config(BaseModel):
             extra = sorted(set(self.mix) - set(self.domains))
             if missing or extra:
                 raise ValueError(
-                    f"`mix` must weight exactly the listed domains: missing {missing}, extra {extra}"
+                    f"`mix` must weight exactly the domains: missing {missing}, extra {extra}"
                 )
             if any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
                 raise ValueError(f"`mix` weights must be >= 0 with a positive sum: {self.mix}")
@@ -109,7 +109,9 @@ def read_rows(path: Path, keep: list[str] | None = None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StageInputError(f"{where}: not valid JSON ({e.msg}); one object per line") from e
+                raise StageInputError(
+                    f"{where}: not valid JSON ({e.msg}); one object per line"
+                ) from e
             if not isinstance(row, dict):
                 raise StageInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             rows.append(_normalise(row, where))
@@ -121,7 +123,9 @@ def read_rows(path: Path, keep: list[str] | None = None) -> list[dict]:
 def _normalise(row: dict, where: str) -> dict:
     for field in ("prompt", "domain"):
         if not isinstance(row.get(field), str):
-            raise StageInputError(f"{where}: missing or non-string field {field!r}; add it to the row")
+            raise StageInputError(
+                f"{where}: missing or non-string field {field!r}; add it to the row"
+            )
     if row["domain"] not in _domains.DOMAINS:
         raise StageInputError(
             f"{where}: unknown domain {row['domain']!r}; use one of {', '.join(_domains.DOMAINS)} "
@@ -134,15 +138,21 @@ def _normalise(row: dict, where: str) -> dict:
         )
     completion = completion if isinstance(completion, str) else answer
     answer = answer if isinstance(answer, str) else completion
-    return {"prompt": row["prompt"], "completion": completion, "answer": answer,
-            "domain": row["domain"]}
+    return {
+        "prompt": row["prompt"],
+        "completion": completion,
+        "answer": answer,
+        "domain": row["domain"],
+    }
 
 
 def generate_rows(config: Config) -> list[dict]:
     """The generated rows of `config`, shuffled (train split only)."""
     weights = config.mix or {d: 1.0 for d in config.domains}
     counts = apportion(config.size, {d: float(weights[d]) for d in config.domains})
-    rows = [r for d in config.domains for r in _domains.generate(d, counts[d], config.seed, "train")]
+    rows = [
+        r for d in config.domains for r in _domains.generate(d, counts[d], config.seed, "train")
+    ]
     random.Random(config.seed).shuffle(rows)
     return rows
 

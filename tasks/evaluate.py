@@ -79,7 +79,9 @@ def evaluate(
             scores[domain] = 0.0
             continue
         # Room for the longest answer plus eos; a model that rambles past it is wrong anyway.
-        longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows)
+        longest = max(
+            len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows
+        )
         completions = generate(model, tokenizer, [r["prompt"] for r in rows], longest + 1)
         correct = sum(
             _domains.verify(domain, c, r["answer"]) for c, r in zip(completions, rows, strict=True)

@@ -36,8 +36,18 @@ from tasks import domains as _domains
 PRODUCES = "model"
 ROLES = {"init": "required", "data": "required", "reference": "optional"}
 
-_TRL_FIELDS = ("max_steps", "num_generations", "per_device_train_batch_size", "learning_rate",
-               "beta", "loss_type", "max_completion_length", "temperature", "use_vllm", "seed")
+_TRL_FIELDS = (
+    "max_steps",
+    "num_generations",
+    "per_device_train_batch_size",
+    "learning_rate",
+    "beta",
+    "loss_type",
+    "max_completion_length",
+    "temperature",
+    "use_vllm",
+    "seed",
+)
 
 
 class Config(BaseModel):
@@ -94,7 +104,9 @@ def domain_reward(
     prompts: list, completions: list, answer: list[str], domain: list[str], **kwargs: Any
 ) -> list[float]:
     """One reward for every domain: the row's own verifier (also logs the mean per domain)."""
-    rewards = [_domains.reward(d, c, a) for c, a, d in zip(completions, answer, domain, strict=True)]
+    rewards = [
+        _domains.reward(d, c, a) for c, a, d in zip(completions, answer, domain, strict=True)
+    ]
     log_metric = kwargs.get("log_metric")
     if log_metric is not None:
         for name in sorted(set(domain)):
@@ -128,7 +140,7 @@ def _check_reference(reference: ArtifactRef, init: ArtifactRef, model: Any) -> N
     diff = sorted(k for k in mine if mine[k] != theirs[k])
     if diff:
         raise StageInputError(
-            f"reference {reference.stage!r} is incompatible with init {init.stage!r}: {diff} differ; "
+            f"reference {reference.stage!r} does not match init {init.stage!r}: {diff} differ; "
             "use a reference built from the same tokenizer"
         )
 
@@ -177,9 +189,16 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
             warnings.append("a reference input was given but beta == 0: it is not used")
 
     history: list[dict] = []
-    keys = {"reward": "reward", "reward_std": "reward_std", "loss": "loss", "kl": "kl",
-            "frac_reward_zero_std": "frac_zero_std", "entropy": "entropy",
-            "completions/mean_length": "mean_length", "num_tokens": "num_tokens"}
+    keys = {
+        "reward": "reward",
+        "reward_std": "reward_std",
+        "loss": "loss",
+        "kl": "kl",
+        "frac_reward_zero_std": "frac_zero_std",
+        "entropy": "entropy",
+        "completions/mean_length": "mean_length",
+        "num_tokens": "num_tokens",
+    }
     keys.update({f"reward/{d}": f"reward/{d}" for d in _domains.DOMAINS})
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
@@ -187,8 +206,11 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         **models.trainer_defaults(work),
         "use_cpu": not torch.cuda.is_available(),
         **({"vllm_mode": config.vllm_mode} if config.use_vllm else {}),
-        **({"vllm_server_base_url": config.vllm_server_base_url}
-           if config.use_vllm and config.vllm_server_base_url else {}),
+        **(
+            {"vllm_server_base_url": config.vllm_server_base_url}
+            if config.use_vllm and config.vllm_server_base_url
+            else {}
+        ),
         **config.trainer,
         **config.model_dump(include=set(_TRL_FIELDS)),
     }
@@ -196,8 +218,14 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         grpo_args = GRPOConfig(**args)
     except (TypeError, ValueError) as e:
         raise StageInputError(f"invalid GRPOConfig from the stage's fields: {e}") from e
-    trainer = GRPOTrainer(model=model, reward_funcs=[domain_reward], args=grpo_args,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[domain_reward],
+        args=grpo_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     models.silence_printer(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -237,5 +265,6 @@ if __name__ == "__main__":
         return ArtifactRef(key="0" * 64, path=p, kind=kind, stage=kind, recipe="cli")
 
     ins = Inputs(init=_ref(init_dir, "sft"), data={"train": _ref(data_dir, "data")})
-    print(run(Config(max_steps=steps, domains=[dom]), ins, out,
-              lambda s, t, m: print(s, t, dict(m))))
+    print(
+        run(Config(max_steps=steps, domains=[dom]), ins, out, lambda s, t, m: print(s, t, dict(m)))
+    )

@@ -167,7 +167,9 @@ def quiet() -> None:
     import transformers
 
     # TRL's configs still set the renamed `gradient_checkpointing` field; the rename is not ours.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*gradient_checkpointing.* deprecated", category=FutureWarning
+    )
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.disable_progress_bar()
@@ -196,7 +198,9 @@ def progress_callback(progress: Any, total: int, history: list[dict], keys: dict
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             logs = logs or {}
-            point = {n: float(logs[k]) for k, n in keys.items() if isinstance(logs.get(k), int | float)}
+            point = {
+                n: float(logs[k]) for k, n in keys.items() if isinstance(logs.get(k), int | float)
+            }
             if not point or "train_runtime" in logs:  # the end-of-training summary is not a point
                 return
             history.append({"step": int(state.global_step), **point})

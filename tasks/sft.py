@@ -40,7 +40,9 @@ class Config(BaseModel):
     lr_scheduler_type: str = Field(
         "linear", description="transformers scheduler name (linear, cosine, constant, ...)."
     )
-    max_length: int = Field(128, ge=8, description="Truncate prompt+completion to this many tokens.")
+    max_length: int = Field(
+        128, ge=8, description="Truncate prompt+completion to this many tokens."
+    )
     seed: int = Field(0, description="Seed of data order and dropout.")
     eval_n: int = Field(500, ge=0, description="Held-out problems per domain for evaluation.")
     trainer: dict[str, Any] = Field(
@@ -102,15 +104,22 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     path = data_file(inputs)
     rows = read_jsonl(path)
     require_columns(rows, path, ("prompt", "completion", "domain"))
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    )
     eval_domains = sorted({r["domain"] for r in rows})
 
     init = init_ref(inputs)
     tokenizer = models.load_tokenizer(init.path)
     model = models.load_model(init.path)
     history: list[dict] = []
-    keys = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-            "mean_token_accuracy": "token_accuracy", "num_tokens": "num_tokens"}
+    keys = {
+        "loss": "loss",
+        "learning_rate": "learning_rate",
+        "grad_norm": "grad_norm",
+        "mean_token_accuracy": "token_accuracy",
+        "num_tokens": "num_tokens",
+    }
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
     args = {
@@ -120,15 +129,28 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         "max_length": config.max_length,
         "use_cpu": not torch.cuda.is_available(),
         **config.trainer,
-        **config.model_dump(include={"max_steps", "learning_rate", "per_device_train_batch_size",
-                                     "warmup_steps", "lr_scheduler_type", "seed"}),
+        **config.model_dump(
+            include={
+                "max_steps",
+                "learning_rate",
+                "per_device_train_batch_size",
+                "warmup_steps",
+                "lr_scheduler_type",
+                "seed",
+            }
+        ),
     }
     try:
         sft_args = SFTConfig(**args)
     except (TypeError, ValueError) as e:
         raise StageInputError(f"invalid SFTConfig from the stage's `trainer` fields: {e}") from e
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     models.silence_printer(trainer)
     start = time.perf_counter()
     trainer.train()

@@ -1,32 +1,18 @@
 """Helpers for stage tests: tiny models, data sets and input refs, all under a given directory.
 
-Plain functions (tests/conftest.py belongs to the spine), loaded by test modules with
-`load()`; every artifact is written under the path the caller passes (a pytest tmp_path).
+Plain functions (tests/conftest.py belongs to the spine), imported by file path from the test
+modules (tests/ is not a package); every artifact is written under the path the caller passes
+(a pytest tmp_path).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from artifacts.refs import ArtifactRef, Inputs
 
 TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
-
-
-def load() -> ModuleType:
-    """This module, imported by file path (tests/ is not a package)."""
-    if "stage_fixtures" in sys.modules:
-        return sys.modules["stage_fixtures"]
-    spec = importlib.util.spec_from_file_location("stage_fixtures", Path(__file__))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stage_fixtures"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def ref(path: Path, kind: str, stage: str | None = None) -> ArtifactRef:

@@ -1,6 +1,6 @@
 """Synthetic domains: disjoint splits, determinism, held-out size, exact verifiers.
 
-Run: ``.venv/bin/python -m pytest tests/test_domains.py -q`` (doctests: ``pytest tasks/domains.py``).
+Run: ``.venv/bin/python -m pytest tests/test_domains.py tasks/domains.py -q`` (with doctests).
 """
 
 from __future__ import annotations
