@@ -225,7 +225,8 @@ class Tracker:
                     for role, p, r in edges if role.startswith("data:")]
         if models or datasets:
             c.log_inputs(rid, datasets=datasets or None, models=models or None)
-        model_id = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
+        model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
+        model_id = model.model_id
         ev = (m.get("metrics") or {}).get("eval") or {}
         ts = int(time.time() * 1000)
         evm = [Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id) for d, v in ev.items()
@@ -233,7 +234,7 @@ class Tracker:
         if evm:
             c.log_batch(rid, metrics=evm)
         if m.get("produces", "model") == "model":
-            self._register(c, m, rid, model_id)
+            self._register(c, m, rid, model)
         c.set_terminated(rid, "FINISHED")
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
@@ -257,7 +258,7 @@ class Tracker:
             c.log_batch(rid, metrics=part)
 
     def _logged_model(self, c: Any, eid: str, rid: str, m: dict[str, Any], store_uri: str,
-                      payload_dir: Any) -> str:
+                      payload_dir: Any) -> Any:
         """An external LoggedModel whose weights stay in the store (uploaded if self.upload)."""
         from mlflow.models.model import MLMODEL_FILE_NAME
         from mlflow.models.utils import get_external_mlflow_model_spec
@@ -278,11 +279,10 @@ class Tracker:
         src = payload_dir or f"{store_uri}/objects/{key}"
         if self.upload and Path(src).is_dir():
             c.log_model_artifacts(model.model_id, str(src))
-        c.finalize_logged_model(model.model_id, "READY")
         self._models[key] = model.model_id
-        return model.model_id
+        return c.finalize_logged_model(model.model_id, "READY")
 
-    def _register(self, c: Any, m: dict[str, Any], rid: str, model_id: str) -> None:
+    def _register(self, c: Any, m: dict[str, Any], rid: str, model: Any) -> None:
         from mlflow.exceptions import MlflowException
 
         name = f"{m.get('recipe')}.{m.get('stage')}"
@@ -293,8 +293,10 @@ class Tracker:
                 raise
         same = [v for v in c.search_model_versions(f"name = '{name}'")
                 if v.tags.get("posttrain.key") == m["key"]]
+        # source = the model's artifact location: a `models:/<id>` source would be looked up
+        # through the *global* tracking URI (mlflow's sqlalchemy registry), not this client's.
         mv = same[0] if same else c.create_model_version(
-            name, source=f"models:/{model_id}", run_id=rid, model_id=model_id,
+            name, source=model.artifact_location, run_id=rid, model_id=model.model_id,
             tags={"posttrain.key": m["key"], "posttrain.kind": str(m.get("kind"))})
         c.set_registered_model_alias(name, ALIAS, mv.version)
 
