@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def _imports(module: str, path: Path) -> set[str]:
     return {m for m in found if _module_file(m) is not None}
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_files(module: str) -> tuple[tuple[str, str], ...]:
     """((relative path, sha256), ...) of `module` and its transitive project imports.
 

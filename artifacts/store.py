@@ -12,7 +12,7 @@ A directory without a manifest does not exist for anyone (`has`, `manifest`, `it
 `resolve` ignore it) and is replaced by the next build. File hashes are computed once, here,
 while publishing, and only re-read by `verify`.
 
-Run: ``python -c "from artifacts.store import Store; print(list(Store('.posttrain/store').refs()))"``
+Run: ``python -c "from artifacts.store import Store; print(Store('.posttrain/store').refs())"``
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class Store:
     def __init__(self, uri: str | os.PathLike[str] = ".posttrain/store") -> None:
         uri = str(uri)
         self.fs, root = fsspec.core.url_to_fs(uri)
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        proto = self.fs.protocol
+        self.protocol = proto if isinstance(proto, str) else proto[0]
         self.local = self.protocol in ("file", "local")
         self.root = root.rstrip("/") if root != "/" else root
         self.uri = uri if "://" in uri else str(Path(root).absolute())

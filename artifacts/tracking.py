@@ -196,7 +196,9 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         key = m["key"]
-        eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, m["recipe"])
+        # The consuming run's experiment: a reused artifact of recipe A shows up under B's run.
+        recipe = self._run[0] if self._run else m["recipe"]
+        eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, recipe)
         existing = self._model_id(c, key)
         link_only = status == "reused" and existing is not None
         tags = {"posttrain.key": key, "posttrain.stage": m.get("stage"), "posttrain.status": status,
@@ -402,6 +404,7 @@ class Tracker:
                 out = []
                 for v in _pages(c.search_model_versions, max_results=10000):
                     if v.tags.get("posttrain.key") in keys:
+                        v = c.get_model_version(v.name, v.version)  # search omits aliases
                         out.append({"name": v.name, "version": v.version,
                                     "aliases": list(v.aliases or []), "key": v.tags[
                                         "posttrain.key"], "uri": f"models:/{v.name}/{v.version}"})

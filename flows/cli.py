@@ -68,6 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for p in planned:
         why = "; ".join(p.reasons) if p.status == "run" else ""
         print(f"{p.status:<6} {p.name:<20} {p.spec.kind:<6} {p.key[:12]}  {why}")
+    sys.stdout.flush()
     n = sum(p.status == "run" for p in planned)
     print(f"{n} of {len(planned)} stages would run", file=sys.stderr)
     return 0
@@ -105,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
     }
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})
-    RUNTIME[run_id] = {"board": board, "manifests_fn": lambda: _manifests(store, planned)}
+    RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id)}
     print(f"run {run_id}: {len(todo)} of {len(planned)} stages to build, "
           f"max {max_parallel} at once", file=sys.stderr)
     with Display(board):
@@ -115,9 +116,20 @@ def cmd_run(args: argparse.Namespace) -> int:
          "error": "the flow did not start"} for p in planned]
     ok = {r["stage"] for r in results if r["status"] in ("trained", "reused")}
     write_lock(recipe, planned, ok)
+    for p in planned:
+        if p.name in ok:
+            store.set_ref(recipe.name, p.name, p.key)
     if tracker is not None:
+        for r in results:
+            if r["status"] == "reused" and (m := store.manifest(r["key"])):
+                tracker.log_stage(m, "reused", parent_run, store.uri)
+        lineage_md, _ = _figures(store, planned, run_id)
+        summary = [dict(r, recipe=recipe.name, kind=next(p.spec.kind for p in planned
+                                                          if p.name == r["stage"]),
+                        eval=((store.manifest(r["key"]) or {}).get("metrics") or {}).get("eval"))
+                   for r in results]
         tracker.finish_run(parent_run, "FINISHED" if len(ok) == len(results) else "FAILED",
-                           results, {})
+                           summary, {"lineage.md": lineage_md})
     _print_eval_table(store, planned, ok)
     for r in results:
         if r["status"] == "failed":
@@ -140,8 +152,20 @@ def _tracker(args: argparse.Namespace, recipe: str, run_id: str,
     return tracker, parent
 
 
-def _manifests(store: Store, planned: list[Any]) -> list[dict[str, Any]]:
-    return [m for p in planned if (m := store.manifest(p.key)) is not None]
+def _figures(store: Store, planned: list[Any], run_id: str) -> tuple[str, list[dict[str, Any]]]:
+    """(Mermaid lineage markdown, eval rows) of the stages of this run that are stored."""
+    from artifacts import lineage, pictures
+
+    keys = {p.key for p in planned if store.has(p.key)}
+    g = lineage.build(store)
+    sub = {"root": None, "direction": "up",
+           "nodes": [dict(n, depth=0, role=None, roles=[]) for k, n in g.nodes.items()
+                     if k in keys],
+           "edges": [e for e in g.edges if e["parent"] in keys and e["child"] in keys]}
+    _, rows = pictures.eval_table([m for p in planned if (m := store.manifest(p.key))])
+    md = pictures.mermaid_markdown(sub, f"Lineage of {run_id}") if sub["nodes"] else ""
+    return md, [r for r in rows if any(v is not None for k, v in r.items()
+                                       if k not in ("stage", "recipe", "kind", "key"))]
 
 
 def _print_eval_table(store: Store, planned: list[Any], ok: set[str]) -> None:
@@ -203,7 +227,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         for sub, e in edges:
             label = f"{role}:{sub}" if sub else role
             print(f"  {label:<18} <- {e['recipe']}:{e['stage']} ({e['key'][:12]})")
-    print(f"  sft_root: {(m.get('sft_root') or '-')[:12]}  took {m.get('timings', {}).get('seconds')}s")
+    took = m.get("timings", {}).get("seconds")
+    print(f"  sft_root: {(m.get('sft_root') or '-')[:12]}  took {took}s")
     for d, a in (m.get("metrics", {}).get("eval") or {}).items():
         print(f"  eval {d:<10} {a:.3f}")
     for w in m.get("warnings") or []:

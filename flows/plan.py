@@ -21,7 +21,7 @@ from typing import Any
 
 from artifacts import keys
 from artifacts.store import RefError, Store, atomic_write
-from flows.recipe import Recipe, RecipeError, StageSpec
+from flows.recipe import Recipe, RecipeError, StageSpec, closest
 
 LOCK_FORMAT = 1
 
@@ -117,8 +117,10 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
     force = set(force or ())
     unknown = force - set(recipe.stages)
     if unknown:
-        raise RecipeError(str(recipe.path), "--force", f"no stage {sorted(unknown)[0]!r}; "
-                          f"stages: {', '.join(recipe.stages)}")
+        bad = sorted(unknown)[0]
+        raise RecipeError(str(recipe.path), "--force", f"no stage {bad!r}"
+                          f"{closest(bad, tuple(recipe.stages))}; stages: "
+                          f"{', '.join(recipe.stages)}")
     if force_downstream:
         for name in recipe.stages:  # topological order: parents are decided first
             if any(p in force for p in recipe.stages[name].parents()):

@@ -127,6 +127,9 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], _Ctx]:
         text = p.read_text()
     except FileNotFoundError:
         raise RecipeError(str(path), "", "no such file (give the path to a recipe .yaml)") from None
+    except IsADirectoryError:
+        raise RecipeError(str(path), "", "is a directory (give the path to a recipe .yaml "
+                          "inside it)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(str(path), "", f"cannot read the file: {e}") from None
     try:
@@ -142,7 +145,9 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], _Ctx]:
         _line_map(node, (), lines)
     ctx = _Ctx(str(path), lines)
     if not isinstance(doc, dict):
-        raise ctx.error((), "a recipe is a YAML mapping with name, vars, defaults and stages")
+        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
+        raise RecipeError(str(path), "top level", f"got {got}, but a recipe is a YAML mapping "
+                          "with name, vars, defaults and stages", 1)
     return doc, ctx
 
 
@@ -150,7 +155,8 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], _Ctx]:
 
 def _kind_module(kind: str, ctx: _Ctx, where: tuple[str, ...]) -> Any:
     if not isinstance(kind, str) or kind not in tasks.KINDS:
-        raise ctx.error(where + ("kind",), f"unknown kind {kind!r}{closest(str(kind), tuple(tasks.KINDS))}; "
+        hint = closest(str(kind), tuple(tasks.KINDS))
+        raise ctx.error(where + ("kind",), f"unknown kind {kind!r}{hint}; "
                         f"known kinds: {', '.join(tasks.KINDS)}")
     return tasks.module_for(kind)
 
@@ -241,7 +247,8 @@ def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[st
                 prev = b["from"]
                 for r in range(1, rounds + 1):
                     rname = name if r == rounds else f"{name}_r{r}"
-                    out.append((rname, dict(b, **{"from": prev}), where))
+                    # deep copies: a --set on one round must not reach the others
+                    out.append((rname, copy.deepcopy(dict(b, **{"from": prev})), where))
                     prev = rname
             else:
                 out.append((name, b, where))
@@ -279,7 +286,8 @@ def _parse_inputs(name: str, body: dict[str, Any], vars_: dict[str, list[Any]], 
 
 
 def _validate_config(kind: str, module: Any, cfg: dict[str, Any], ctx: _Ctx,
-                     where: tuple[str, ...], recipe_dir: Path) -> dict[str, Any]:
+                     where: tuple[str, ...], recipe_dir: Path,
+                     set_by: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
     fields = tuple(module.Config.model_fields)
     for key in cfg:
         if key not in fields:
@@ -299,7 +307,10 @@ def _validate_config(kind: str, module: Any, cfg: dict[str, Any], ctx: _Ctx,
         loc = tuple(str(x) for x in err["loc"])
         got = err.get("input")
         got_s = "" if isinstance(got, dict) and not loc else f" (got {got!r})"
-        raise ctx.error(where + loc, f"{err['msg']}{got_s}") from None
+        blame = [item for p, item in (set_by or {}).items() if loc[:len(p)] == p or not loc]
+        from_s = f" (from {', '.join(blame)})" if blame else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ctx.error(where + loc, f"{msg}{got_s}{from_s}") from None
 
 
 def _check_roles(name: str, kind: str, module: Any, inputs: dict[str, Any], ctx: _Ctx,
@@ -316,6 +327,11 @@ def _check_roles(name: str, kind: str, module: Any, inputs: dict[str, Any], ctx:
             raise ctx.error(where, f"stage {name!r} (kind {kind}) needs `{field_of[role]}:`")
 
 
+def _path(spec: StageSpec) -> tuple[str, ...]:
+    """The YAML path of the template a stage came from: ("stages", <name as written>)."""
+    return tuple(spec.where.split(".", 1))
+
+
 def _toposort(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
     order: list[str] = []
     state: dict[str, int] = {}
@@ -326,7 +342,7 @@ def _toposort(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
             return
         if state.get(n) == 1:
             cycle = stack[stack.index(n):] + [n]
-            raise ctx.error(("stages", n), f"cycle: {' -> '.join(cycle)}; a stage cannot "
+            raise ctx.error(_path(specs[n]), f"cycle: {' -> '.join(cycle)}; a stage cannot "
                             "depend on itself, directly or through others")
         state[n] = 1
         stack.append(n)
@@ -350,7 +366,7 @@ def _check_routes(recipe: dict[str, StageSpec], ctx: _Ctx) -> None:
         unmapped = s.config.get("unmapped", "error")
         if isinstance(unmapped, str) and unmapped.startswith("default:"):
             if unmapped[8:] not in teachers:
-                raise ctx.error(("stages", s.name, "unmapped"), f"default route "
+                raise ctx.error(_path(s) + ("unmapped",), f"default route "
                                 f"{unmapped[8:]!r} is not a teacher route "
                                 f"({', '.join(teachers)})")
             continue
@@ -363,7 +379,7 @@ def _check_routes(recipe: dict[str, StageSpec], ctx: _Ctx) -> None:
                 values.update(d.config["domains"])
         missing = sorted(values - set(teachers))
         if missing:
-            raise ctx.error(("stages", s.name, "teachers"), f"no teacher for route(s) "
+            raise ctx.error(_path(s) + ("teachers",), f"no teacher for route(s) "
                             f"{', '.join(missing)} of the routing key 'domain' in its data; add "
                             f"them to teachers, or set unmapped: default:<route>")
 
@@ -377,7 +393,10 @@ def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str
                               "--set rl_arith.max_steps=120")
         path, raw = item.split("=", 1)
         parts = path.strip().split(".")
-        if len(parts) < 2 or parts[0] not in by_name:
+        if len(parts) < 2 or not all(parts):
+            raise RecipeError(file, f"--set {path}", "expected stage.path=value with a field "
+                              "after the stage, e.g. --set rl_arith.max_steps=120")
+        if parts[0] not in by_name:
             raise RecipeError(file, f"--set {path}", f"no stage {parts[0]!r}"
                               f"{closest(parts[0], tuple(by_name))}; stages: "
                               f"{', '.join(by_name)}")
@@ -393,6 +412,9 @@ def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str
         if parts[1] not in fields:
             raise RecipeError(file, f"--set {path}", f"stage {parts[0]!r} has no field "
                               f"{parts[1]!r}{closest(parts[1], fields)}")
+        if parts[1] in ("foreach", "rounds"):
+            raise RecipeError(file, f"--set {path}", f"`{parts[1]}` is expanded before --set "
+                              "applies (stage names depend on it); edit the recipe instead")
         target = body
         for p in parts[1:-1]:
             nxt = target.get(p)
@@ -411,7 +433,8 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
     for key in doc:
         if key not in TOP_FIELDS:
             raise ctx.error((str(key),), f"unknown top-level field {key!r}"
-                            f"{closest(str(key), TOP_FIELDS)}; a recipe has {', '.join(TOP_FIELDS)}")
+                            f"{closest(str(key), TOP_FIELDS)}; a recipe has "
+                            f"{', '.join(TOP_FIELDS)}")
     name = doc.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ctx.error(("name",), f"recipe `name:` must be a word (letters, digits, _ - .), got "
@@ -429,8 +452,9 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         raise ctx.error(("defaults",), "defaults is a mapping {kind: {field: value}}")
     for k, v in defaults.items():
         if k not in tasks.KINDS:
-            raise ctx.error(("defaults", str(k)), f"unknown kind {k!r}{closest(str(k), tuple(tasks.KINDS))}"
-                            f"; known kinds: {', '.join(tasks.KINDS)}")
+            hint = closest(str(k), tuple(tasks.KINDS))
+            raise ctx.error(("defaults", str(k)), f"unknown kind {k!r}{hint}; known kinds: "
+                            f"{', '.join(tasks.KINDS)}")
         if not isinstance(v, dict):
             raise ctx.error(("defaults", str(k)), "defaults for a kind are a mapping of fields")
     stages_doc = doc.get("stages")
@@ -453,7 +477,8 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
             extra = sorted(set(body) - {"use", "description", "resources"})
             if extra:
                 raise ctx.error(where + (extra[0],), "a `use:` stage pins an existing artifact "
-                                "and takes no other fields")
+                                f"and takes no other fields: remove `{extra[0]}` (or `use:` to "
+                                "build the stage)")
             if not isinstance(body["use"], str) or not body["use"].strip():
                 raise ctx.error(where + ("use",), "use: takes a key, recipe:stage or "
                                 "models:/name@alias")
@@ -467,12 +492,20 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         module = _kind_module(kind, ctx, where)
         cfg = {k: v for k, v in body.items() if k not in STAGE_FIELDS}
         cfg = _deep_merge(defaults.get(kind, {}), cfg)
-        config = _validate_config(kind, module, cfg, ctx, where, recipe_dir)
+        set_by = {tuple(i.split("=", 1)[0].strip().split(".")[1:]): f"--set {i}"
+                  for i in sets if i.split(".", 1)[0] == sname}
+        config = _validate_config(kind, module, cfg, ctx, where, recipe_dir, set_by)
         inputs = _parse_inputs(sname, body, vars_, ctx, where)
         _check_roles(sname, kind, module, inputs, ctx, where)
         res = body.get("resources") or {}
-        if not isinstance(res, dict) or set(res) - {"cpus", "gpus"}:
-            raise ctx.error(where + ("resources",), "resources is {cpus: N, gpus: N}")
+        if not isinstance(res, dict):
+            raise ctx.error(where + ("resources",), f"resources is {{cpus: N, gpus: N}}, got "
+                            f"{res!r}")
+        for k in res:
+            if k not in ("cpus", "gpus"):
+                raise ctx.error(where + ("resources", str(k)), f"unknown resource {k!r}"
+                                f"{closest(str(k), ('cpus', 'gpus'))}; resources is "
+                                "{cpus: N, gpus: N}")
         for k, v in res.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "cpus" else 0):
                 raise ctx.error(where + ("resources", k), f"{k} must be an integer >= "
@@ -490,7 +523,7 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
                 role = next(r for r, v in s.inputs.items()
                             if p == v or (isinstance(v, dict) and p in v.values()))
                 fld = {v: k for k, v in ROLE_OF_FIELD.items()}[role]
-                raise ctx.error(tuple(s.where.split(".")) + (fld,), f"stage {s.name!r} refers "
+                raise ctx.error(_path(s) + (fld,), f"stage {s.name!r} refers "
                                 f"to missing stage {p!r}{closest(p, tuple(specs))}")
     ordered = _toposort(specs, ctx)
     _check_routes(ordered, ctx)

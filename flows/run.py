@@ -27,7 +27,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.board import Board
 
-
 # Per-run objects that cannot travel as task parameters (locks, the live board): keyed by run id.
 RUNTIME: dict[str, dict[str, Any]] = {}
 
@@ -145,14 +144,10 @@ def _post_artifacts(ctx: dict[str, Any]) -> None:
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        from artifacts import pictures
-
-        manifests = RUNTIME[ctx["run_id"]].get("manifests_fn", lambda: [])()
-        if not manifests:
-            return
-        create_markdown_artifact(pictures.mermaid_for_manifests(manifests),
-                                 key="posttrain-lineage", description="Lineage of this run")
-        _, rows = pictures.eval_table(manifests)
+        lineage_md, rows = RUNTIME[ctx["run_id"]]["figures_fn"]()
+        if lineage_md:
+            create_markdown_artifact(lineage_md, key="posttrain-lineage",
+                                     description="Lineage of this run")
         if rows:
             create_table_artifact(rows, key="posttrain-eval", description="Eval per stage")
     except Exception as e:  # never fail a finished run over a picture
@@ -162,7 +157,8 @@ def _post_artifacts(ctx: dict[str, Any]) -> None:
 def execute(recipe_name: str, ctx: dict[str, Any], max_parallel: int, runner: str) -> Any:
     """Run the flow with the chosen task runner; returns the flow's final state.
 
-    RUNTIME[ctx["run_id"]] must hold "board" (and optionally "manifests_fn") beforehand; the
+    RUNTIME[ctx["run_id"]] must hold "board" and "figures_fn" () -> (lineage markdown, eval
+    rows) beforehand; the
     results land in RUNTIME[ctx["run_id"]]["results"].
     """
     slots_total = max(os.cpu_count() or 1, max_parallel)
