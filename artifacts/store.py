@@ -241,13 +241,19 @@ class Store:
         m = self.manifest(key)
         if m is None:
             return [f"{key[:12]}: no manifest"]
-        root = self.local_path(key)
+        # Read the store itself, never local_path's download cache (it may predate a change).
+        root = self.object_path(key)
         problems = []
         for row in m.get("files", []):
-            p = root / row["path"]
-            if not p.exists():
+            p = f"{root}/{row['path']}"
+            if not self.fs.isfile(p):
                 problems.append(f"{row['path']}: missing")
-            elif p.stat().st_size != row["size"] or _sha256_file(p) != row["sha256"]:
+                continue
+            h = hashlib.sha256()
+            with self.fs.open(p, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(block)
+            if self.fs.size(p) != row["size"] or h.hexdigest() != row["sha256"]:
                 problems.append(f"{row['path']}: content differs from the manifest")
         return problems
 

@@ -192,7 +192,8 @@ class Tracker:
 
     def _log_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
                    store_uri: str, run_id: str | None, payload_dir: Any = None) -> dict[str, Any]:
-        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric
+        from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelInput,
+                                     LoggedModelOutput, Metric)
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         key = m["key"]
@@ -221,7 +222,8 @@ class Tracker:
                     "model_id": existing}
         self._log_params_metrics(c, rid, m)
         models = [LoggedModelInput(mid) for _, p, _ in edges if (mid := self._model_id(c, p))]
-        datasets = [DatasetInput(Dataset(f"{r.get('recipe')}:{r.get('stage')}", p[:32],
+        datasets = [DatasetInput(Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage") else role,
+                                         p[:32],
                                          "posttrain", json.dumps({"store": store_uri, "key": p})),
                                  [InputTag("mlflow.data.context", role)])
                     for role, p, r in edges if role.startswith("data:")]
@@ -229,6 +231,7 @@ class Tracker:
             c.log_inputs(rid, datasets=datasets or None, models=models or None)
         model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
         model_id = model.model_id
+        c.log_outputs(rid, [LoggedModelOutput(model_id, 0)])
         ev = (m.get("metrics") or {}).get("eval") or {}
         ts = int(time.time() * 1000)
         evm = [Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id) for d, v in ev.items()

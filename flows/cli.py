@@ -44,6 +44,7 @@ def _quiet_env(state_dir: Path) -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 def _add_common(p: argparse.ArgumentParser, sets: bool = True) -> None:

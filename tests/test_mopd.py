@@ -44,7 +44,9 @@ def rollout_of(model, tok, prompts=PROMPTS, seed: int = 0, max_new_tokens: int =
                     tok.eos_token_id, tok.pad_token_id, gen)
 
 
-def ref(path: Path, kind: str = "grpo", sft_root: str | None = "sft0", stage: str = "") -> ArtifactRef:
+def ref(
+    path: Path, kind: str = "grpo", sft_root: str | None = "sft0", stage: str = ""
+) -> ArtifactRef:
     return ArtifactRef(key=f"{path.name:0<64}"[:64], path=path, kind=kind,
                        stage=stage or path.name, recipe="test", manifest={"sft_root": sft_root})
 
@@ -224,7 +226,7 @@ def test_teacher_with_padded_vocab_size_is_refused(store, tok, tmp_path):
     padded.resize_token_embeddings(128)  # same tokenizer, embedding padded to 128 rows
     models.save_model(padded, tok, tmp_path / "t_padded")
     teachers = {"arith": ref(tmp_path / "t_padded"), "reverse": ref(store / "t_reverse")}
-    with pytest.raises(StageInputError, match=r"teacher 'arith'.*vocab_size: teacher=128 student=100"):
+    with pytest.raises(StageInputError, match=r"'arith'.*vocab_size: teacher=128 student=100"):
         mopd.run(mopd.Config(**FAST), inputs_of(store, teachers), tmp_path / "out")
 
 
@@ -287,22 +289,31 @@ def test_one_step_changes_the_weights(store, tmp_path):
         out["history"][0])
 
 
-@pytest.mark.parametrize("estimator", ["sampled_token", "full_vocab"])
-def test_short_run_lowers_kl_to_the_teachers(tok, tmp_path, estimator):
-    """Teachers = the student with sharpened (x4) or re-seeded outputs; 40 steps close the gap."""
+@pytest.mark.parametrize(("estimator", "reverse_scale"), [("sampled_token", 3.0),
+                                                         ("full_vocab", 0.5)])
+def test_short_run_lowers_kl_to_the_teachers(tok, tmp_path, estimator, reverse_scale):
+    """Teachers = the student with sharpened (arith) / sharpened or flattened (reverse) outputs.
+
+    A random tiny Llama is near-uniform over 100 tokens, where one-sample estimates are pure
+    noise; scaling the final norm gives the low-entropy student an SFT model would be. Flattening
+    (raising entropy) is the hard direction for the sampled-token estimator, so it is exercised
+    with full_vocab.
+    """
     from tasks import data
 
     student = tiny(tok, 0)
-    models.save_model(student, tok, tmp_path / "student")
-    sharp = copy.deepcopy(student)
     with torch.no_grad():
-        sharp.model.norm.weight.mul_(4.0)
-    models.save_model(sharp, tok, tmp_path / "t_arith")
-    models.save_model(tiny(tok, 5), tok, tmp_path / "t_reverse")
+        student.model.norm.weight.mul_(10.0)
+    models.save_model(student, tok, tmp_path / "student")
+    for route, scale in (("arith", 2.0), ("reverse", reverse_scale)):
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            teacher.model.norm.weight.mul_(scale)
+        models.save_model(teacher, tok, tmp_path / f"t_{route}")
     data.run(data.Config(domains=["arith", "reverse"], size=64), Inputs(), tmp_path / "data")
-    cfg = mopd.Config(max_steps=40, prompts_per_route=8, eval_n=0, max_new_tokens=4,
-                      learning_rate=1e-2, estimator=estimator)
+    cfg = mopd.Config(max_steps=30, prompts_per_route=8, eval_n=0, max_new_tokens=4,
+                      learning_rate=3e-3, estimator=estimator)
     train = mopd.run(cfg, inputs_of(tmp_path), tmp_path / "out")["train"]
     for route in ("arith", "reverse"):
         first, last = train[f"kl/{route}/first"], train[f"kl/{route}/last"]
-        assert last < 0.6 * first, (route, first, last)
+        assert first > 0.2 and last < 0.3 * first, (route, first, last)
