@@ -141,7 +141,8 @@ def _walk(g: Graph, key: str, up: bool, depth: int | None) -> dict[str, Any]:
     roles: dict[str, set[str]] = {}
     for e in edges:
         roles.setdefault(e["parent"] if up else e["child"], set()).add(e["role"])
-    nodes = [dict(g.nodes[k], depth=d, role=first_role[k], roles=sorted(roles.get(k, ()), key=role_order))
+    nodes = [dict(g.nodes[k], depth=d, role=first_role[k],
+                  roles=sorted(roles.get(k, ()), key=role_order))
              for k, d in sorted(seen.items(), key=lambda kv: (kv[1], label(g.nodes[kv[0]])))]
     return {"root": key, "direction": "up" if up else "down", "nodes": nodes, "edges": edges}
 

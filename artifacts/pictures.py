@@ -113,7 +113,7 @@ def accuracy_png(manifests: list[dict[str, Any]], path: str | Path) -> Path | No
         ax.plot(xs, ys, marker="o", label=d)
     ax.set_xticks(xs, [str(r["stage"]) for r in rows], rotation=30, ha="right")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(-0.03, 1.05)  # points at 0 stay visible
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     ax.set_title("per-domain accuracy by stage")
@@ -146,7 +146,7 @@ def _levels(sub: dict[str, Any]) -> dict[str, int]:
 
 def html_page(sub: dict[str, Any], title: str | None = None) -> str:
     """A self-contained HTML page: the graph as inline SVG and a table of the nodes."""
-    bw, bh, gx, gy, pad = 210, 64, 90, 28, 20
+    bw, bh, gx, gy, pad = 210, 64, 150, 36, 24
     level = _levels(sub)
     cols: dict[int, list[dict[str, Any]]] = {}
     for n in sorted(sub["nodes"], key=lambda n: (_label(n), n["key"])):
@@ -163,15 +163,30 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
            'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
            'fill="#555"/></marker></defs>']
-    for (p, c), roles in _merged_edges(sub).items():
-        (x1, y1), (x2, y2) = pos[p], pos[c]
-        x1, y1, y2 = x1 + bw, y1 + bh / 2, y2 + bh / 2
-        mx = (x1 + x2) / 2
-        svg.append(f'<path d="M{x1},{y1} C{mx},{y1} {mx},{y2} {x2},{y2}" fill="none" '
-                   f'stroke="#777" marker-end="url(#arrow)"><title>{e(", ".join(roles))}'
-                   '</title></path>')
-        svg.append(f'<text x="{mx}" y="{(y1 + y2) / 2 - 4}" text-anchor="middle" fill="#333" '
-                   f'font-size="10">{e(", ".join(roles))}</text>')
+    edges = _merged_edges(sub)
+    ends: dict[tuple[str, str], float] = {}  # arrows into one box spread along its left side
+    for c in {c for _, c in edges}:
+        ins = sorted((p for p, c2 in edges if c2 == c), key=lambda p: pos[p][1])
+        for i, p in enumerate(ins):
+            ends[(p, c)] = pos[c][1] + bh * (i + 1) / (len(ins) + 1)
+    labels = []
+    for (p, c), roles in edges.items():
+        x1, y1 = pos[p][0] + bw, pos[p][1] + bh / 2
+        x2, y2 = pos[c][0], ends[(p, c)]
+        if x2 - x1 > gx:  # skips a column: run along the gap between rows, not through boxes
+            lane = pad - gy / 2 + round(((y1 + y2) / 2 - pad) / (bh + gy)) * (bh + gy)
+            lane = max(lane, pad / 2)
+            d = (f"M{x1},{y1} C{x1 + gx / 2},{y1} {x1 + gx / 2},{lane} {x1 + gx},{lane} "
+                 f"L{x2 - gx},{lane} C{x2 - gx / 2},{lane} {x2 - gx / 2},{y2} {x2},{y2}")
+        else:
+            mx = (x1 + x2) / 2
+            d = f"M{x1},{y1} C{mx},{y1} {mx},{y2} {x2},{y2}"
+        text = e(", ".join(roles))
+        svg.append(f'<path d="{d}" fill="none" stroke="#777" marker-end="url(#arrow)">'
+                   f"<title>{text}</title></path>")
+        # Labels sit at the arrow head, in the gutter left of the child, drawn over lines.
+        labels.append(f'<text x="{x2 - 8}" y="{y2 - 3}" text-anchor="end" fill="#333" '
+                      f'font-size="10">{text}</text>')
     for n in sub["nodes"]:
         x, y = pos[n["key"]]
         fill = KIND_COLORS.get(n.get("kind") or "", "#f5f5f5")
@@ -183,7 +198,7 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
                    f'<text x="{x + 8}" y="{y + 34}">{e(str(n.get("kind")))} · '
                    f'{e(n["key"][:12])}</text>'
                    f'<text x="{x + 8}" y="{y + 51}" font-size="10">{e(ev[:40])}</text></g>')
-    svg.append("</svg>")
+    svg += labels + ["</svg>"]
     _, rows = eval_table(sub["nodes"])
     domains = [k for k in (rows[0] if rows else {}) if k not in ("stage", "recipe", "kind", "key")]
     head = "".join(f"<th>{e(h)}</th>" for h in ["recipe:stage", "kind", "role", "key", *domains])
@@ -201,3 +216,38 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
             f"<h1>{e(title)}</h1><div class=\"graph\">{''.join(svg)}</div>"
             f"<h2>Stages</h2><table><tr>{head}</tr>{''.join(body)}</table>"
             "</body></html>\n")
+
+
+def write_run_figures(summary: list[dict[str, Any]], figures: dict[str, Any],
+                      out_dir: str | Path) -> list[Path]:
+    """The files of a run's report in `out_dir`: summary.json, eval_table.md + accuracy.png
+    (from summary rows carrying "eval"), and each figure ({file name: text or a file path})."""
+    import json
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    written = [out / "summary.json"]
+    with_eval = [r for r in summary if _evals(r)]
+    if with_eval:
+        (out / "eval_table.md").write_text(eval_table(with_eval)[0])
+        written.append(out / "eval_table.md")
+        if png := accuracy_png(with_eval, out / "accuracy.png"):
+            written.append(png)
+    for name, fig in figures.items():
+        dest = out / (name if "." in name else f"{name}.md")
+        if _is_file(fig):
+            shutil.copyfile(fig, dest)
+        else:
+            dest.write_text(str(fig))
+        written.append(dest)
+    return written
+
+
+def _is_file(x: Any) -> bool:
+    # A figure is a path or the text itself; a long text is no path (and may not even stat).
+    try:
+        return isinstance(x, Path | str) and "\n" not in str(x) and Path(x).is_file()
+    except OSError:
+        return False

@@ -1,11 +1,11 @@
 """MLflow mirror of the store: parent run per `posttrain run`, nested run per stage, LoggedModels
 that point at the store, registered versions with an alias, and a back-fill (`sync`).
 
-The store's manifests stay the source of truth; MLflow is a view for people and UIs. Every
-method swallows MLflow / connection errors: it warns once on stderr, appends the work to
+The manifests stay the source of truth; MLflow is a view for people and UIs. Every method
+swallows MLflow / connection errors: it warns once on stderr, appends the work to
 ``<state_dir>/mlflow_pending.jsonl`` and returns None, so a run completes with MLflow down;
-`sync(store)` replays the pending file and records every manifest MLflow does not know.
-mlflow is imported inside methods only (2 s): importing this module stays cheap.
+`sync(store)` replays that file and records every manifest MLflow does not know. mlflow is
+imported inside methods only (2 s), so importing this module stays cheap.
 
 Run: ``posttrain sync --store .posttrain/store`` (back-fills ``sqlite:///.posttrain/mlflow.db``)
 """
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,7 +38,7 @@ RUN_STATUS = {"ok": "FINISHED", "completed": "FINISHED", "success": "FINISHED",
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists as JSON; values cut to MLflow's 6000 chars."""
+    """{"a": {"b": 1}} -> {"a.b": "1"}; lists as JSON; cut to MLflow's key/value limits."""
     out: dict[str, str] = {}
     if isinstance(d, dict):
         for k, v in d.items():
@@ -48,44 +48,39 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any] = ()) -> None:
+    for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params, 1000 metrics
+        c.log_batch(rid, params=params[i:i + 100])
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(rid, metrics=metrics[i:i + 1000])
 
 
 def _pages(fn: Callable[..., Any], *args: Any, **kw: Any) -> list[Any]:
-    """Every item of a paged MLflow search (each page is capped by the server)."""
     out, token = [], None
-    while True:
+    while True:  # every item of a paged MLflow search
         page = fn(*args, page_token=token, **kw)
         out.extend(page)
-        token = page.token
-        if not token:
+        if not (token := page.token):
             return out
 
 
-def _is_file(x: Any) -> bool:
-    # Figures are a path or the text itself; a long text is no path (and may not stat).
-    try:
-        return isinstance(x, Path | str) and "\n" not in str(x) and Path(x).is_file()
-    except OSError:
-        return False
-
-
 class Tracker:
-    """One MLflow mirror (per process). Thread-safe; sqlite writers across processes are
+    """One MLflow mirror per process. Thread-safe; sqlite writers of several processes are
     serialised by a file lock beside the database ("database is locked" otherwise)."""
 
     def __init__(self, tracking_uri: str | None = None, state_dir: str | Path = ".posttrain", *,
                  upload: bool = False, warn: bool = True) -> None:
         self.state_dir = Path(state_dir)
-        db = (self.state_dir / "mlflow.db").absolute()
-        self.uri = tracking_uri or f"sqlite:///{db}"
+        self.uri = tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').absolute()}"
         self.upload, self.warn = upload, warn
         self.last_error: str | None = None
         self._lock = threading.RLock()
         self._run: tuple[str, str] | None = None  # (recipe, posttrain run id) from start_run
-        self._models: dict[str, str] = {}  # key -> LoggedModel id
+        self._models: dict[str, str] = {}  # store key -> LoggedModel id
         for k, v in ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
 
@@ -96,18 +91,17 @@ class Tracker:
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:
         if self.last_error:
-            raise ConnectionError(self.last_error)  # down already: no second wait
+            raise ConnectionError(self.last_error)  # known down: do not wait a second time
         u = urlparse(self.uri)
-        if u.scheme in ("http", "https"):  # fail in 3 s on a dead host, before MLflow retries
+        if u.scheme in ("http", "https"):  # a dead host fails here in 3 s, before any retry
             port = u.port or (443 if u.scheme == "https" else 80)
             socket.create_connection((u.hostname, port), timeout=3).close()
-        db = self._db()
         with self._lock, contextlib.ExitStack() as stack:
-            if db is not None:
+            if (db := self._db()) is not None:
                 from filelock import FileLock
 
                 db.parent.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(FileLock(str(db) + ".lock", timeout=120, thread_local=False))
+                stack.enter_context(FileLock(f"{db}.lock", timeout=120, thread_local=False))
             for name in ("mlflow.store.db.utils", "alembic"):  # quiet first-use migrations
                 logging.getLogger(name).setLevel(logging.WARNING)
             from mlflow import MlflowClient
@@ -115,21 +109,13 @@ class Tracker:
             yield MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def _fail(self, e: BaseException) -> None:
-        first = self.last_error is None
-        msg = (str(e).strip().splitlines() or [""])[0][:200]
-        self.last_error = self.last_error or f"{type(e).__name__}: {msg}"
-        if first and self.warn:
-            print(f"warning: MLflow at {self.uri} is unavailable ({self.last_error}); "
-                  f"continuing without it, work queued in {self.state_dir / PENDING}: "
-                  "run `posttrain sync` when it is back", file=sys.stderr)
-
-    def _pending(self, op: dict[str, Any]) -> None:
-        from filelock import FileLock
-
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / PENDING
-        with FileLock(str(path) + ".lock", thread_local=False), open(path, "a") as f:
-            f.write(json.dumps(dict(op, queued=time.time()), default=str) + "\n")
+        if self.last_error is None:
+            msg = (str(e).strip().splitlines() or [""])[0][:200]
+            self.last_error = f"{type(e).__name__}: {msg}"
+            if self.warn:
+                print(f"warning: MLflow at {self.uri} is unavailable ({self.last_error}); "
+                      f"continuing without it, work queued in {self.state_dir / PENDING}: "
+                      "run `posttrain sync` when it is back", file=sys.stderr)
 
     def _safe(self, op: dict[str, Any], fn: Callable[[Any], Any]) -> Any:
         try:
@@ -137,7 +123,12 @@ class Tracker:
                 return fn(c)
         except Exception as e:  # any MLflow / sqlalchemy / network error: never fail the run
             self._fail(e)
-            self._pending(op)
+            from filelock import FileLock
+
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path = self.state_dir / PENDING
+            with FileLock(f"{path}.lock", thread_local=False), open(path, "a") as f:
+                f.write(json.dumps(dict(op, queued=time.time()), default=str) + "\n")
             return None
 
     def _experiment(self, c: Any, name: str) -> str:
@@ -146,12 +137,12 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 c.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        db = self._db()  # keep artifacts beside a local db, not in ./mlruns of the cwd
-        loc = (db.parent / "mlartifacts" / name).as_uri() if db else None
-        return c.create_experiment(name, artifact_location=loc)
+        db = self._db()  # artifacts beside a local db, never in ./mlruns of the cwd
+        return c.create_experiment(name, artifact_location=(db.parent / "mlartifacts" / name)
+                                   .as_uri() if db else None)
 
     def _model_id(self, c: Any, key: str) -> str | None:
-        if key not in self._models:
+        if key not in self._models:  # across experiments: another recipe may have built it
             ids = [e.experiment_id for e in _pages(c.search_experiments)]
             hits = c.search_logged_models(ids, filter_string=f"tags.`posttrain.key` = '{key}'",
                                           max_results=1) if ids else []
@@ -160,9 +151,9 @@ class Tracker:
             self._models[key] = hits[0].model_id
         return self._models[key]
 
-    # -- the flow's calls ------------------------------------------------------------------
+    # -- what the flow and the stage runner call -------------------------------------------
     def start_run(self, recipe: str, run_id: str, params: dict[str, Any]) -> str | None:
-        """The parent run of one `posttrain run` (experiment = recipe); its MLflow id."""
+        """The parent run of one `posttrain run` (experiment = recipe); its MLflow run id."""
         self._run = (recipe, run_id)
         op = {"op": "start_run", "recipe": recipe, "run_id": run_id, "params": params}
         return self._safe(op, lambda c: self._start(c, recipe, run_id, params))
@@ -171,19 +162,18 @@ class Tracker:
                backfilled: bool = False) -> str:
         from mlflow.entities import Param
 
-        tags = {"posttrain.run_id": run_id, "posttrain.recipe": recipe, "posttrain.role": "run"}
-        if backfilled:
-            tags["posttrain.backfilled"] = "true"
-        run = c.create_run(self._experiment(c, recipe), run_name=f"{recipe} {run_id[:8]}",
-                           tags=tags)
-        for part in _chunks([Param(k, v) for k, v in flatten(params).items()], 100):
-            c.log_batch(run.info.run_id, params=part)
-        return run.info.run_id
+        tags = {"posttrain.run_id": run_id, "posttrain.recipe": recipe, "posttrain.role": "run",
+                "posttrain.backfilled": str(backfilled).lower()}
+        rid = c.create_run(self._experiment(c, recipe), run_name=f"{recipe} {run_id[:8]}",
+                           tags=tags).info.run_id
+        _batches(c, rid, params=[Param(k, v) for k, v in flatten(params).items()])
+        return rid
 
     def log_stage(self, manifest: dict[str, Any], status: str, parent_run_id: str | None,
                   store_uri: str, payload_dir: str | Path | None = None) -> dict[str, Any] | None:
-        """A nested run for one stage: "trained" records everything, "reused" only links the
-        existing LoggedModel. Returns {tracking_uri, experiment_id, run_id, model_id}."""
+        """A nested run for one stage: "trained" records config, curves, eval, a LoggedModel and
+        a registered version; "reused" only links the existing LoggedModel. Returns
+        {tracking_uri, experiment_id, run_id, model_id} (None when MLflow is down)."""
         run_id = self._run[1] if self._run else manifest.get("run_id")
         op = {"op": "log_stage", "key": manifest["key"], "status": status, "run_id": run_id,
               "parent_run_id": parent_run_id, "store_uri": store_uri}
@@ -192,99 +182,87 @@ class Tracker:
 
     def _log_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
                    store_uri: str, run_id: str | None, payload_dir: Any = None) -> dict[str, Any]:
-        from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelInput,
-                                     LoggedModelOutput, Metric)
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+        from mlflow.entities import (
+            Dataset,
+            DatasetInput,
+            InputTag,
+            LoggedModelInput,
+            LoggedModelOutput,
+            Metric,
+            Param,
+        )
 
-        key = m["key"]
+        from artifacts.lineage import input_edges  # edge labels exactly as lineage shows them
+
         # The consuming run's experiment: a reused artifact of recipe A shows up under B's run.
         recipe = self._run[0] if self._run else m["recipe"]
         eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, recipe)
-        existing = self._model_id(c, key)
+        existing = self._model_id(c, m["key"])
         link_only = status == "reused" and existing is not None
-        tags = {"posttrain.key": key, "posttrain.stage": m.get("stage"), "posttrain.status": status,
-                "posttrain.kind": m.get("kind"), "posttrain.recipe": m.get("recipe"),
-                "posttrain.sft_root": m.get("sft_root") or "", "posttrain.store": store_uri,
-                "posttrain.run_id": run_id or ""}
-        from artifacts.lineage import input_edges  # role labels exactly as lineage shows them
-
         edges = input_edges(m)
-        tags.update({f"posttrain.input.{role.replace(':', '.')}": p for role, p, _ in edges})
+        tags = {"posttrain.key": m["key"], "posttrain.stage": m.get("stage"),
+                "posttrain.status": status, "posttrain.kind": m.get("kind"),
+                "posttrain.recipe": m.get("recipe"), "posttrain.sft_root": m.get("sft_root") or "",
+                "posttrain.store": store_uri, "posttrain.run_id": run_id or "",
+                **{f"posttrain.input.{role.replace(':', '.')}": p for role, p, _ in edges}}
         if parent:
-            tags[MLFLOW_PARENT_RUN_ID] = parent
-        name = m.get("stage") if not link_only else f"{m.get('stage')} (reused)"
-        rid = c.create_run(eid, run_name=name, tags={k: str(v) for k, v in tags.items()}
-                           ).info.run_id
+            tags["mlflow.parentRunId"] = parent
+        rid = c.create_run(eid, run_name=f"{m.get('stage')}{' (reused)' if link_only else ''}",
+                           tags={k: str(v) for k, v in tags.items()}).info.run_id
+        model_id = existing
         if link_only:
             c.log_inputs(rid, models=[LoggedModelInput(existing)])
-            c.set_terminated(rid, "FINISHED")
-            return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
-                    "model_id": existing}
-        self._log_params_metrics(c, rid, m)
-        models = [LoggedModelInput(mid) for _, p, _ in edges if (mid := self._model_id(c, p))]
-        datasets = [DatasetInput(Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage") else role,
-                                         p[:32],
-                                         "posttrain", json.dumps({"store": store_uri, "key": p})),
+        else:
+            metrics = m.get("metrics") or {}
+            ts = int(time.time() * 1000)
+            rows = [Metric(f"train.{k}", float(v), ts, 0)
+                    for k, v in (metrics.get("train") or {}).items() if _num(v)]
+            for i, h in enumerate(metrics.get("history") or []):
+                rows += [Metric(k, float(v), ts, int(h.get("step", i))) for k, v in h.items()
+                         if k != "step" and _num(v)]
+            _batches(c, rid, [Param(k, v) for k, v in flatten(m.get("config") or {}).items()],
+                     rows)
+            models = [LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
+            data = [DatasetInput(Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage")
+                                         else role, p[:32], "posttrain",
+                                         json.dumps({"store": store_uri, "key": p})),
                                  [InputTag("mlflow.data.context", role)])
                     for role, p, r in edges if role.startswith("data:")]
-        if models or datasets:
-            c.log_inputs(rid, datasets=datasets or None, models=models or None)
-        model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
-        model_id = model.model_id
-        c.log_outputs(rid, [LoggedModelOutput(model_id, 0)])
-        ev = (m.get("metrics") or {}).get("eval") or {}
-        ts = int(time.time() * 1000)
-        evm = [Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id) for d, v in ev.items()
-               if isinstance(v, int | float)]
-        if evm:
-            c.log_batch(rid, metrics=evm)
-        if m.get("produces", "model") == "model":
-            self._register(c, m, rid, model)
+            if models or data:
+                c.log_inputs(rid, datasets=data or None, models=models or None)
+            model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
+            model_id = model.model_id
+            c.log_outputs(rid, [LoggedModelOutput(model_id, 0)])
+            # Eval metrics belong to the run and to its LoggedModel (MLflow 3 model metrics).
+            _batches(c, rid, metrics=[Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id)
+                                      for d, v in (metrics.get("eval") or {}).items() if _num(v)])
+            if m.get("produces", "model") == "model":
+                self._register(c, m, rid, model)
         c.set_terminated(rid, "FINISHED")
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
 
-    def _log_params_metrics(self, c: Any, rid: str, m: dict[str, Any]) -> None:
-        from mlflow.entities import Metric, Param
-
-        for part in _chunks([Param(k, v) for k, v in flatten(m.get("config") or {}).items()], 100):
-            c.log_batch(rid, params=part)
-        metrics = m.get("metrics") or {}
-        ts = int(time.time() * 1000)
-        rows = [Metric(f"train.{k}", float(v), ts, 0) for k, v in (metrics.get("train") or {})
-                .items() if isinstance(v, int | float) and not isinstance(v, bool)]
-        for i, h in enumerate(metrics.get("history") or []):
-            step = int(h.get("step", i))
-            rows += [Metric(k, float(v), ts, step) for k, v in h.items()
-                     if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)]
-        if (secs := (m.get("timings") or {}).get("seconds")) is not None:
-            rows.append(Metric("seconds", float(secs), ts, 0))
-        for part in _chunks(rows, 1000):
-            c.log_batch(rid, metrics=part)
-
     def _logged_model(self, c: Any, eid: str, rid: str, m: dict[str, Any], store_uri: str,
                       payload_dir: Any) -> Any:
-        """An external LoggedModel whose weights stay in the store (uploaded if self.upload)."""
+        """An external LoggedModel: the weights stay in the store (copied only if upload)."""
         from mlflow.models.model import MLMODEL_FILE_NAME
         from mlflow.models.utils import get_external_mlflow_model_spec
-        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
-        key = m["key"]
-        tags = {"posttrain.key": key, "posttrain.stage": m.get("stage"),
+        path = f"{store_uri}/objects/{m['key']}"
+        tags = {"posttrain.key": m["key"], "posttrain.stage": m.get("stage"),
                 "posttrain.recipe": m.get("recipe"), "posttrain.kind": m.get("kind"),
-                "posttrain.store": store_uri, "posttrain.path": f"{store_uri}/objects/{key}",
-                MLFLOW_MODEL_IS_EXTERNAL: "true", "posttrain.uploaded": str(self.upload).lower()}
+                "posttrain.store": store_uri, "posttrain.path": path,
+                "mlflow.model.isExternal": "true", "posttrain.uploaded": str(self.upload).lower()}
         model = c.create_logged_model(eid, name=m.get("stage"), source_run_id=rid,
                                       tags={k: str(v) for k, v in tags.items()},
                                       model_type=f"posttrain.{m.get('kind')}")
         with tempfile.TemporaryDirectory() as d:
-            # The MLmodel file marks the model external; the registry needs it to register.
+            # An MLmodel file marked external: the registry needs one to register the model.
             get_external_mlflow_model_spec(model).save(os.path.join(d, MLMODEL_FILE_NAME))
             c.log_model_artifacts(model.model_id, d)
-        src = payload_dir or f"{store_uri}/objects/{key}"
-        if self.upload and Path(src).is_dir():
-            c.log_model_artifacts(model.model_id, str(src))
-        self._models[key] = model.model_id
+        if self.upload and Path(src := str(payload_dir or path)).is_dir():
+            c.log_model_artifacts(model.model_id, src)
+        self._models[m["key"]] = model.model_id
         return c.finalize_logged_model(model.model_id, "READY")
 
     def _register(self, c: Any, m: dict[str, Any], rid: str, model: Any) -> None:
@@ -298,8 +276,8 @@ class Tracker:
                 raise
         same = [v for v in c.search_model_versions(f"name = '{name}'")
                 if v.tags.get("posttrain.key") == m["key"]]
-        # source = the model's artifact location: a `models:/<id>` source would be looked up
-        # through the *global* tracking URI (mlflow's sqlalchemy registry), not this client's.
+        # source = the artifact location: a `models:/<id>` source is looked up through the
+        # *global* tracking URI by MLflow's sqlalchemy registry, not through this client's.
         mv = same[0] if same else c.create_model_version(
             name, source=model.artifact_location, run_id=rid, model_id=model.model_id,
             tags={"posttrain.key": m["key"], "posttrain.kind": str(m.get("kind"))})
@@ -307,33 +285,22 @@ class Tracker:
 
     def finish_run(self, parent_run_id: str | None, status: str, summary: list[dict[str, Any]],
                    figures: dict[str, Any]) -> None:
-        """Close the parent run: summary.json, eval table + accuracy PNG (from summary rows
-        carrying "eval"), and each figure ({file name: text | path of a file})."""
+        """Close the parent run with summary.json, eval table + accuracy PNG (summary rows with
+        "eval"), and each figure ({file name: text or path}) as artifacts."""
         recipe, run_id = self._run or (None, None)
         op = {"op": "finish_run", "recipe": recipe, "run_id": run_id, "status": status,
               "parent_run_id": parent_run_id, "summary": summary,
               "figures": {k: str(v) for k, v in figures.items()}}
-        if parent_run_id is None and self.last_error is None:
-            return  # nothing was started (tracking off): nothing to close
-        self._safe(op, lambda c: self._finish(c, parent_run_id, status, summary, figures))
+        if parent_run_id is not None or self.last_error is not None:  # else: tracking was off
+            self._safe(op, lambda c: self._finish(c, parent_run_id, status, summary, figures))
 
     def _finish(self, c: Any, pid: str, status: str, summary: list[dict[str, Any]],
                 figures: dict[str, Any]) -> None:
         from artifacts import pictures
 
-        c.log_text(pid, json.dumps(summary, indent=2, default=str), "summary.json")
-        md, rows = pictures.eval_table([r for r in summary if r.get("eval")])
         with tempfile.TemporaryDirectory() as d:
-            if rows:
-                c.log_text(pid, md, "eval_table.md")
-                if png := pictures.accuracy_png([r for r in summary if r.get("eval")],
-                                                Path(d) / "accuracy.png"):
-                    c.log_artifact(pid, str(png))
-            for name, fig in figures.items():
-                if _is_file(fig):
-                    c.log_artifact(pid, str(fig))
-                else:
-                    c.log_text(pid, str(fig), name if "." in name else f"{name}.md")
+            pictures.write_run_figures(summary, figures, d)
+            c.log_artifacts(pid, d)
         for st in {r.get("status") for r in summary if r.get("status")}:
             c.log_metric(pid, f"stages.{st}", sum(r.get("status") == st for r in summary))
         c.set_tag(pid, "posttrain.status", status)
@@ -353,9 +320,9 @@ class Tracker:
             return 0
         from filelock import FileLock
 
-        with FileLock(str(path) + ".lock", thread_local=False):
+        with FileLock(f"{path}.lock", thread_local=False):
             rest = path.read_text().splitlines()[len(lines):] if path.is_file() else []
-            if rest:  # appended while we synced: keep for next time
+            if rest:  # queued by a run while we synced: keep it for next time
                 path.write_text("\n".join(rest) + "\n")
             elif path.is_file():
                 path.unlink()
@@ -364,39 +331,37 @@ class Tracker:
     def _sync(self, c: Any, store: Any, ops: list[dict[str, Any]]) -> int:
         ids = [e.experiment_id for e in _pages(c.search_experiments)]
         runs = _pages(c.search_runs, ids, max_results=5000) if ids else []
-        all_ids = {r.info.run_id for r in runs}
-        known = {r.data.tags.get("posttrain.key") for r in runs}
-        pairs = {(r.data.tags.get("posttrain.key"), r.data.tags.get("posttrain.run_id") or None)
-                 for r in runs}
-        parents = {r.data.tags["posttrain.run_id"]: r.info.run_id for r in runs
-                   if r.data.tags.get("posttrain.role") == "run"}
+        run_ids = {r.info.run_id for r in runs}
+        tags = [r.data.tags for r in runs]
+        known = {(t.get("posttrain.key"), t.get("posttrain.run_id") or None) for t in tags}
+        parents = {t["posttrain.run_id"]: r.info.run_id for t, r in zip(tags, runs, strict=True)
+                   if t.get("posttrain.role") == "run"}
+        opened: list[str] = []  # parent runs created here: closed at the end
         for op in ops:
             if op["op"] == "start_run" and op["run_id"] not in parents:
                 parents[op["run_id"]] = self._start(c, op["recipe"], op["run_id"], op["params"])
-        todo = [(store.manifest(op["key"]), op["status"], op.get("run_id"), op["parent_run_id"])
-                for op in ops if op["op"] == "log_stage"
-                and (op["key"], op.get("run_id")) not in pairs]
-        todo = [t for t in todo if t[0] is not None]
-        queued = {t[0]["key"] for t in todo}
+                opened.append(parents[op["run_id"]])
+        todo = [(m, op["status"], op.get("run_id"), op["parent_run_id"]) for op in ops
+                if op["op"] == "log_stage" and (op["key"], op.get("run_id")) not in known
+                and (m := store.manifest(op["key"])) is not None]
+        keys = {t.get("posttrain.key") for t in tags} | {t[0]["key"] for t in todo}
         todo += [(m, "trained", m.get("run_id"), None) for m in store.iter_manifests()
-                 if m["key"] not in known and m["key"] not in queued]
+                 if m["key"] not in keys]
         # Parents end before children: models exist before their consumers link them.
         todo.sort(key=lambda t: (t[0].get("timings") or {}).get("ended_unix") or 0)
-        made: list[str] = []
         for m, status, run_id, parent in todo:
-            if parent not in all_ids:
-                parent = None
+            if parent not in run_ids:
                 if run_id and run_id not in parents:
                     parents[run_id] = self._start(c, m["recipe"], run_id, {}, backfilled=True)
-                    made.append(parents[run_id])
+                    opened.append(parents[run_id])
                 parent = parents.get(run_id)
             self._log_stage(c, m, status, parent, store.uri, run_id)
         for op in ops:
-            pid = op.get("parent_run_id") if op.get("parent_run_id") in all_ids else None
+            pid = op["parent_run_id"] if op.get("parent_run_id") in run_ids else None
             if op["op"] == "finish_run" and (pid := pid or parents.get(op.get("run_id"))):
                 self._finish(c, pid, op["status"], op["summary"], op["figures"])
-                made = [x for x in made if x != pid]
-        for pid in made:  # back-filled parents of runs that never reported their end
+                opened = [x for x in opened if x != pid]
+        for pid in opened:  # runs that never reported their end (crashed, or back-filled)
             c.set_terminated(pid, "FINISHED")
         return len(todo)
 
@@ -404,22 +369,23 @@ class Tracker:
         """Registered model versions whose tag posttrain.key is in `keys` (None if down)."""
         try:
             with self._client() as c:
-                out = []
-                for v in _pages(c.search_model_versions, max_results=10000):
-                    if v.tags.get("posttrain.key") in keys:
-                        v = c.get_model_version(v.name, v.version)  # search omits aliases
-                        out.append({"name": v.name, "version": v.version,
-                                    "aliases": list(v.aliases or []), "key": v.tags[
-                                        "posttrain.key"], "uri": f"models:/{v.name}/{v.version}"})
-                return sorted(out, key=lambda r: (r["name"], int(r["version"])))
+                hits = [c.get_model_version(v.name, v.version)  # search leaves aliases out
+                        for v in _pages(c.search_model_versions, max_results=10000)
+                        if v.tags.get("posttrain.key") in keys]
         except Exception as e:
             self._fail(e)
             return None
+        return sorted(({"name": v.name, "version": v.version, "aliases": list(v.aliases or []),
+                        "key": v.tags["posttrain.key"], "uri": f"models:/{v.name}/{v.version}"}
+                       for v in hits), key=lambda r: (r["name"], int(r["version"])))
 
     def resolve_model_uri(self, uri: str) -> str:
         """The store key behind `models:/name@alias`, `models:/name/version` or `models:/m-id`
-        (from the tag posttrain.key). Raises store.RefError with the fix."""
+        (its tag posttrain.key). Raises store.RefError naming the URI and the fix."""
         body = uri[len("models:/"):] if uri.startswith("models:/") else ""
+        if (db := self._db()) is not None and not db.exists():
+            raise RefError(f"cannot resolve {uri!r}: no MLflow database at {db} (pass "
+                           "--tracking-uri, or use a key or recipe:stage)")
         try:
             with self._client() as c:
                 if "@" in body:
@@ -435,12 +401,12 @@ class Tracker:
             raise RefError(f"cannot resolve {uri!r} through MLflow at {self.uri}: {msg} (check "
                            "the name and alias, or pass --tracking-uri)") from None
         if not tags.get("posttrain.key"):
-            raise RefError(f"{uri!r} has no posttrain.key tag: it was not registered by "
-                           "posttrain (use a key or recipe:stage)")
+            raise RefError(f"{uri!r} has no posttrain.key tag: posttrain did not register it "
+                           "(use a key or recipe:stage)")
         return tags["posttrain.key"]
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None,
                       state_dir: str | Path = ".posttrain") -> str:
-    """Module-level form of Tracker.resolve_model_uri (what flows/plan.py calls)."""
+    """Module-level Tracker.resolve_model_uri (what flows/plan.py calls for `use:`)."""
     return Tracker(tracking_uri, state_dir, warn=False).resolve_model_uri(uri)

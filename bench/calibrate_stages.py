@@ -89,7 +89,7 @@ def stage_rl_one(a: argparse.Namespace, domain: str) -> dict:
         trainer=json.loads(a.rl_trainer),
     )
     ins = Inputs(init=_ref(a.out / "sft", "sft"), data={"train": _ref(a.out / "data", "data")})
-    return grpo.run(cfg, ins, a.out / f"rl_{domain}", _say)
+    return grpo.run(cfg, ins, a.out / f"rl_{domain}{a.tag}", _say)
 
 
 def stage_rl(a: argparse.Namespace) -> dict:
@@ -100,7 +100,7 @@ def stage_rl(a: argparse.Namespace) -> dict:
         while todo and len(running) < a.parallel:
             d = todo.pop(0)
             cmd = [sys.executable, __file__, "--rl-one", d, *sys.argv[1:]]
-            log = open(a.out / f"rl_{d}.log", "w")  # noqa: SIM115
+            log = open(a.out / f"rl_{d}{a.tag}.log", "w")  # noqa: SIM115
             running.append(
                 (
                     d,
@@ -113,7 +113,7 @@ def stage_rl(a: argparse.Namespace) -> dict:
             d, proc, t0 = item
             if proc.poll() is not None:
                 running.remove(item)
-                result = a.out / f"rl_{d}.json"
+                result = a.out / f"rl_{d}{a.tag}.json"
                 done[d] = (
                     json.loads(result.read_text())
                     if result.exists()
@@ -124,11 +124,11 @@ def stage_rl(a: argparse.Namespace) -> dict:
     return done
 
 
-def table(results: dict) -> str:
+def table(results: dict, tag: str = "") -> str:
     sft = results.get("sft", {}).get("eval", {})
     lines = ["| model | " + " | ".join(DOMAINS) + " | seconds |", "|---" * (len(DOMAINS) + 2) + "|"]
     rows = [("sft", results.get("sft", {}))] + [
-        (f"rl_{d}", results.get("rl", {}).get(d, {})) for d in DOMAINS
+        (f"rl_{d}{tag}", results.get("rl" + tag, {}).get(d, {})) for d in DOMAINS
     ]
     for name, r in rows:
         ev = r.get("eval", {})
@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("--rl-batch", type=int, default=128)
     p.add_argument("--rl-trainer", default="{}", help="JSON dict passed as grpo trainer:")
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the rl_<domain> dirs (sweeps)")
     p.add_argument("--rl-one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,7 +174,7 @@ def main() -> None:
     if a.rl_one:
         torch.set_num_threads(1)
         res = stage_rl_one(a, a.rl_one)
-        (a.out / f"rl_{a.rl_one}.json").write_text(json.dumps(res))
+        (a.out / f"rl_{a.rl_one}{a.tag}.json").write_text(json.dumps(res))
         return
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -184,13 +185,13 @@ def main() -> None:
         fn = {"data": stage_data, "base": stage_base, "sft": stage_sft, "rl": stage_rl}[stage]
         res = fn(a)
         if stage == "rl":
-            results.setdefault("rl", {}).update(res)
+            results.setdefault("rl" + a.tag, {}).update(res)
         else:
             results[stage] = {**res, "wall": time.perf_counter() - t0}
         print(f"{stage}: {res.get('eval', '')} {time.perf_counter() - t0:.0f}s", flush=True)
         results["args"] = {k: str(v) for k, v in vars(a).items()}
         results_file.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    print(table(results, a.tag))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.board import Board
@@ -110,7 +111,7 @@ def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="posttrain", persist_result=False, log_prints=False)
-def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> Any:
     futures: dict[str, Any] = {}
     for name, p in ctx["plan"].items():
         task_ = stage_task.with_options(name=f"{recipe_name}:{name}", retries=p["retries"],
@@ -135,7 +136,9 @@ def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> list[dict[str, Any]]:
     RUNTIME[ctx["run_id"]]["results"] = results
     _post_artifacts(ctx)
     if failures:
-        raise StageFailed("; ".join(failures))
+        # A Failed state, not an exception: the flow run fails with the stages' own messages,
+        # without a Python traceback in the user's terminal.
+        return Failed(message="; ".join(failures))
     return results
 
 

@@ -13,10 +13,13 @@ route's teacher, averaged over the sampled states), ``kl``, ``is_drop_rate``, ``
 (verifier accuracy of the student's own samples), ``loss``, ``grad_norm``, ``tokens_per_s``
 (generated completion tokens through eos, per second of the whole step).
 
-Departures from the papers: sampling is our own KV-cached loop (no vLLM here, and HF ``generate``
-adds ~25% per-token overhead at this size); the outcome reward is centered over the batch, not a
-group; teachers run in the trainer's process (no separate inference servers); a weighted mixture
-of teachers per sample (AReaL) is not offered, each sample has exactly one teacher.
+Speed (bench/mopd_vs_trl.py): every forward runs on a chunk of one route's rows, sorted by prompt
+length, with all-padding columns cut (mopd_loss.view); with one minibatch the student's forward is
+shared by the loss and log p_old (no separate scoring pass); sampling is our own KV-cached loop.
+
+Departures from the papers: no vLLM / inference servers (teachers run in the trainer's process,
+sampling is HF-model based); the outcome reward is centered over the batch, not a group; a
+weighted mixture of teachers per sample (AReaL) is not offered, each sample has one teacher.
 
 Run: ``python -m tasks.mopd OUT STUDENT_DIR DATA_DIR route=TEACHER_DIR [...] [key=value ...]``,
 e.g. ``python -m tasks.mopd /tmp/mopd /tmp/calib/sft /tmp/calib/data arith=/tmp/calib/rl_arith
@@ -36,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
 
 PRODUCES = "model"
+CHUNK_ROWS = 32  # rows per forward: per-route, length-sorted chunks cut padding (mopd_loss.view)
 ROLES: dict[str, str] = {"init": "required", "teachers": "required", "data": "required"}
 
 
@@ -163,6 +167,10 @@ def preflight(config: Config, inputs: Inputs) -> tuple[dict[str, list[dict]], di
                 f"orm_weight > 0 needs a known `domain` and an `answer` in every row; rows of "
                 f"route values {bad} lack them. Fix: set orm_weight: 0 or complete the data."
             )
+    if config.accelerate_config is not None and not Path(config.accelerate_config).is_file():
+        raise StageInputError(
+            f"accelerate_config {config.accelerate_config} does not exist; fix the path or drop it"
+        )
     idle = sorted(set(inputs.teachers) - set(table.values()))
     if idle:
         warnings.append(f"teachers {idle} get no data (no row has their {config.route_key!r})")
@@ -170,13 +178,17 @@ def preflight(config: Config, inputs: Inputs) -> tuple[dict[str, list[dict]], di
 
 
 def _accelerator(config: Config) -> Any:
+    """Plain accelerate (CPU when no GPU), or DeepSpeed from `accelerate_config`.
+
+    Multi-process runs come from wrapping the stage in ``accelerate launch``; Accelerator() picks
+    the launcher's settings up from the environment. Untested here (no GPU, no deepspeed): ZeRO
+    1/2 should work; ZeRO-3 would also need the sharded student gathered for sampling.
+    """
     import torch
     from accelerate import Accelerator
 
     if config.accelerate_config is None:
         return Accelerator(cpu=not torch.cuda.is_available())
-    if not Path(config.accelerate_config).is_file():
-        raise StageInputError(f"accelerate_config {config.accelerate_config} does not exist")
     from accelerate.utils import DeepSpeedPlugin  # needs `pip install deepspeed` (extra "gpu")
 
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config.accelerate_config))
@@ -206,7 +218,9 @@ class Trainer:
         self.teachers = teachers
         opt = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0)
         self.student, self.opt = accelerator.prepare(student, opt)
-        self.gen = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+        # Each data-parallel process samples its own completions.
+        seed = config.seed + accelerator.process_index
+        self.gen = torch.Generator(device=accelerator.device).manual_seed(seed)
         self.tokens = 0
 
     def unwrapped(self) -> Any:
@@ -235,8 +249,6 @@ class Trainer:
         for i, value in enumerate(values):
             by_route.setdefault(self.table[value], []).append(i)
         groups = {r: torch.tensor(ix, device=dev) for r, ix in sorted(by_route.items())}
-        scored = L.score(model, self.teachers, rollout, groups, cfg.temperature,
-                         keep_full=cfg.estimator != "sampled_token")
         texts = self.tok.batch_decode(rollout.tokens.tolist(), skip_special_tokens=True)
         rewards = [
             _domains.reward(r["domain"], text, r["answer"])
@@ -244,41 +256,76 @@ class Trainer:
             else float("nan")
             for r, text in zip(rows, texts, strict=True)
         ]
-        return {"rollout": rollout, "scored": scored, "groups": groups, "values": values,
-                "rewards": torch.tensor(rewards, device=dev)}
+        return {"rollout": rollout, "chunks": L.plan_chunks(rollout, groups, CHUNK_ROWS),
+                "values": values, "rewards": torch.tensor(rewards, device=dev)}
 
-    def update(self, batch: dict[str, Any]) -> dict[str, float]:
-        """`minibatches` optimizer steps on one collected batch; returns loss statistics."""
+    def score(self, batch: dict[str, Any]) -> list[Any]:
+        """Pre-pass (no gradient): each chunk scored by its route's teacher, in chunk order."""
         import torch
 
         from tasks import mopd_loss as L
 
-        cfg, rollout, scored = self.config, batch["rollout"], batch["scored"]
+        model, out = self.unwrapped(), []
+        model.eval()
+        with torch.no_grad():
+            for route, idx in batch["chunks"]:
+                chunk = L.view(batch["rollout"], idx)
+                logits = L.completion_logits(model, chunk)
+                out.append(L.score(logits, self.teachers[route], chunk, self.config.temperature))
+        return out
+
+    def update(self, batch: dict[str, Any]) -> dict[str, float]:
+        """`minibatches` optimizer steps on one collected batch; returns loss and KL statistics.
+
+        With one minibatch (on-policy), each chunk's teacher is scored inside the update and
+        log p_old is the detached log-prob of the very forward that is differentiated: no
+        update has happened since sampling, so they are the sampling policy's log-probs and
+        the student runs once per chunk, not twice. With more minibatches, a no-grad pre-pass
+        fixes log p_old for every chunk before the first update, and the IS gate acts.
+        """
+        from tasks import mopd_loss as L
+
+        cfg, rollout, chunks = self.config, batch["rollout"], batch["chunks"]
         orm = L.orm_advantage(batch["rewards"], cfg.orm_weight) if cfg.orm_weight else None
+        pre = self.score(batch) if cfg.minibatches > 1 else None
         self.student.train()
-        size = rollout.tokens.shape[0]
         sums = {"tokens": 0.0, "dropped": 0.0, "loss_sum": 0.0}
+        kl_sum: dict[str, float] = {}
+        kl_tokens: dict[str, float] = {}
         norms = []
-        for j in range(cfg.minibatches):
-            idx = torch.arange(j, size, cfg.minibatches, device=rollout.tokens.device)
-            logits = L.completion_logits(self.student, rollout, idx)
-            full = scored.teacher_logp_full
-            loss_sum, stats = L.mopd_loss(
-                logits, rollout.tokens[idx], rollout.mask[idx], scored.old_logp[idx],
-                scored.teacher_logp[idx], None if full is None else full[idx],
-                estimator=cfg.estimator, temperature=cfg.temperature, is_low=cfg.is_low,
-                is_high=cfg.is_high, top_k=cfg.top_k, orm_adv=None if orm is None else orm[idx],
-            )
-            self.acc.backward(loss_sum / max(stats["tokens"], 1.0))
-            norms.append(float(self.acc.clip_grad_norm_(self.student.parameters(),
-                                                        cfg.max_grad_norm)))
+        for part in range(min(cfg.minibatches, len(chunks))):
+            members = list(range(part, len(chunks), cfg.minibatches))
+            views = {i: L.view(rollout, chunks[i][1]) for i in members}
+            n_tokens = max(sum(float(v.mask.sum()) for v in views.values()), 1.0)
+            total = None
+            for i, chunk in views.items():
+                route, idx = chunks[i]
+                logits = L.completion_logits(self.student, chunk)
+                sc = pre[i] if pre else L.score(logits, self.teachers[route], chunk,
+                                                cfg.temperature)
+                loss_sum, stats = L.mopd_loss(
+                    logits, chunk.tokens, chunk.mask, sc.old_logp, sc.teacher_logp,
+                    sc.teacher_logp_full, estimator=cfg.estimator, temperature=cfg.temperature,
+                    is_low=cfg.is_low, is_high=cfg.is_high, top_k=cfg.top_k,
+                    orm_adv=None if orm is None else orm[idx],
+                )
+                total = loss_sum if total is None else total + loss_sum
+                for k in sums:
+                    sums[k] += stats[k]
+                kl_sum[route] = kl_sum.get(route, 0.0) + sc.kl_sum
+                kl_tokens[route] = kl_tokens.get(route, 0.0) + stats["tokens"]
+            # One backward per optimizer step (not one per chunk): DeepSpeed's engine steps inside
+            # backward and DDP all-reduces there, so several calls would step / sync too often.
+            self.acc.backward(total / n_tokens)
+            norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+            norms.append(float(norm) if norm is not None else float("nan"))  # None under DS
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            for k in sums:
-                sums[k] += stats[k]
         n = max(sums["tokens"], 1.0)
-        return {"loss": sums["loss_sum"] / n, "is_drop_rate": sums["dropped"] / n,
-                "grad_norm": _mean(norms)}
+        point = {"loss": sums["loss_sum"] / n, "is_drop_rate": sums["dropped"] / n,
+                 "grad_norm": _mean(norms), "kl": sum(kl_sum.values()) / n}
+        point.update({f"kl/{r}": kl_sum[r] / max(kl_tokens[r], 1.0) for r in sorted(kl_sum)})
+        return point
 
     def step(self, rows: list[dict]) -> dict[str, float]:
         """One rollout + update; the metrics point logged for this step."""
@@ -287,10 +334,6 @@ class Trainer:
         point = self.update(batch)
         tokens = float(batch["rollout"].mask.sum())
         self.tokens += int(tokens)
-        kl = batch["scored"].kl
-        sizes = {r: float(batch["rollout"].mask[ix].sum()) for r, ix in batch["groups"].items()}
-        point["kl"] = sum(kl[r] * sizes[r] for r in kl) / max(sum(sizes.values()), 1.0)
-        point.update({f"kl/{r}": v for r, v in kl.items()})
         rewards = batch["rewards"].tolist()
         for value in sorted(set(batch["values"])):
             got = [x for v, x in zip(batch["values"], rewards, strict=True) if v == value]
@@ -320,7 +363,7 @@ def run(
     used = sorted(set(table.values()))
     teachers = {r: models.load_model(inputs.teachers[r].path).to(accelerator.device) for r in used}
     trainer = Trainer(config, accelerator, student, teachers, tokenizer, table)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     history: list[dict] = []
     start = time.perf_counter()
     for step in range(1, config.max_steps + 1):
@@ -332,11 +375,13 @@ def run(
     seconds = time.perf_counter() - start
     student = trainer.unwrapped()
     student.eval()
-    models.save_model(student, tokenizer, out_dir)
     seen = {r.get("domain") for rs in by_value.values() for r in rs}
     present = sorted(seen & set(_domains.DOMAINS))
-    scores = evaluate(student, tokenizer, present, config.eval_n) if config.eval_n else {}
-    head, tail = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10) :]
+    scores: dict[str, float] = {}
+    if accelerator.is_main_process:
+        models.save_model(student, tokenizer, out_dir)
+        scores = evaluate(student, tokenizer, present, config.eval_n) if config.eval_n else {}
+    tenth = max(1, len(history) // 10)  # single steps are too noisy to compare
     train: dict[str, Any] = {
         "steps": config.max_steps,
         "seconds": seconds,
@@ -345,10 +390,9 @@ def run(
         "is_drop_rate": _mean([h["is_drop_rate"] for h in history]),
         "routes": table,
     }
-    for key in sorted(k for k in history[-1] if k.startswith("kl/")):
-        # first / last tenth of the run: single steps are too noisy to compare
-        train[f"{key}/first"] = _mean([h[key] for h in head if key in h])
-        train[f"{key}/last"] = _mean([h[key] for h in tail if key in h])
+    for key in sorted(k for k in history[-1] if k.startswith(("kl/", "reward/"))):
+        train[f"{key}/first"] = _mean([h[key] for h in history[:tenth] if key in h])
+        train[f"{key}/last"] = _mean([h[key] for h in history[-tenth:] if key in h])
     return {"eval": scores, "train": train, "history": models.subsample(history),
             "warnings": warnings}
 

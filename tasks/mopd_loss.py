@@ -249,14 +249,49 @@ def sample(
     )
 
 
-def completion_logits(
-    model: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[b, T, V] logits predicting each completion token of rows `idx` (all rows if None)."""
-    sel = slice(None) if idx is None else idx
+def view(rollout: Rollout, idx: torch.Tensor) -> Rollout:
+    """Rows `idx` of a rollout, with columns that are padding in every one of them cut off.
+
+    Left: prompt columns before the longest prompt of these rows; right: completion columns
+    after their longest completion. Routing groups rows of one domain together, so this removes
+    most of the padding a mixed batch carries (an arith prompt is 7 tokens, a count one 18).
+    """
+    attn, mask = rollout.attention_mask[idx], rollout.mask[idx]
+    prompt_len = attn.shape[1] - rollout.tokens.shape[1]
+    left = int((attn[:, :prompt_len].sum(0) == 0).sum())  # left padding is a prefix of columns
+    steps = max(int(mask.sum(1).max()), 1)  # the mask is a prefix of ones in every row
+    cols = slice(left, prompt_len + steps)
+    return Rollout(
+        input_ids=rollout.input_ids[idx, cols],
+        attention_mask=attn[:, cols],
+        position_ids=rollout.position_ids[idx, cols],
+        tokens=rollout.tokens[idx, :steps],
+        mask=mask[:, :steps],
+    )
+
+
+def plan_chunks(
+    rollout: Rollout, groups: Mapping[str, torch.Tensor], max_rows: int = 32
+) -> list[tuple[str, torch.Tensor]]:
+    """(route, row indices) chunks: each route's rows sorted by prompt length, <= max_rows each.
+
+    A chunk is the unit every forward runs on: the student and its teacher always see the same
+    chunk, so their log-probs are computed in the same layout.
+    """
+    prompt_len = rollout.attention_mask.shape[1] - rollout.tokens.shape[1]
+    lengths = rollout.attention_mask[:, :prompt_len].sum(1)
+    chunks = []
+    for route, idx in groups.items():
+        ordered = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+        chunks += [(route, part) for part in ordered.split(max_rows) if part.numel()]
+    return chunks
+
+
+def completion_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """[B, T, V] logits predicting each completion token (use on a `view` of one chunk)."""
     steps = rollout.tokens.shape[1]
-    out = model(input_ids=rollout.input_ids[sel], attention_mask=rollout.attention_mask[sel],
-                position_ids=rollout.position_ids[sel], logits_to_keep=steps + 1)
+    out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                position_ids=rollout.position_ids, logits_to_keep=steps + 1)
     # Position i predicts token i + 1: the last T + 1 positions minus the final one. Slicing from
     # the end also works for modules that ignore logits_to_keep and return every position.
     return out.logits[:, -(steps + 1) : -1]
@@ -264,44 +299,34 @@ def completion_logits(
 
 @dataclass
 class Scored:
-    """Teacher and rollout-student log-probs of one rollout, by row."""
+    """Log-probs of one chunk's completion tokens under the rollout student and its teacher."""
 
-    old_logp: torch.Tensor  # [B, T] log p_old(y_t)
-    teacher_logp: torch.Tensor  # [B, T] log p_T(y_t), each row from its own route's teacher
-    teacher_logp_full: torch.Tensor | None  # [B, T, V] when the estimator needs it
-    kl: dict[str, float]  # route -> mean exact reverse KL per completion token
+    old_logp: torch.Tensor  # [b, t] log p_old(y_t)
+    teacher_logp: torch.Tensor  # [b, t] log p_T(y_t)
+    teacher_logp_full: torch.Tensor  # [b, t, V]
+    kl_sum: float  # sum over the chunk's tokens of the exact reverse KL per state
 
 
-@torch.no_grad()
 def score(
-    student: torch.nn.Module,
-    teachers: Mapping[str, torch.nn.Module],
-    rollout: Rollout,
-    groups: Mapping[str, torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher: torch.nn.Module,
+    chunk: Rollout,
     temperature: float = 1.0,
-    keep_full: bool = False,
 ) -> Scored:
-    """Run each route's teacher, and the rollout student, on that route's rows only.
+    """Score a chunk with its teacher, given the rollout student's logits on the same chunk.
 
-    Student and teacher see exactly the same sub-batch, so identical weights give bit-identical
-    log-probs (A == 0, KL == 0); each teacher does work only for its own rows.
+    `student_logits` may carry gradient (the fused on-policy update) or not (a pre-pass): only
+    detached values are kept. The teacher runs on exactly the chunk the student ran on, so
+    identical weights give bit-identical log-probs (A == 0, KL == 0).
     """
-    batch, steps = rollout.tokens.shape
-    old = torch.zeros(batch, steps, device=rollout.tokens.device)
-    teach = torch.zeros_like(old)
-    full: torch.Tensor | None = None
-    kl: dict[str, float] = {}
-    for route, idx in groups.items():
-        if idx.numel() == 0:
-            continue
-        logp_s = log_probs(completion_logits(student, rollout, idx), temperature)
-        logp_t = log_probs(completion_logits(teachers[route], rollout, idx), temperature)
-        toks, mask = rollout.tokens[idx], rollout.mask[idx]
-        old[idx] = gather_tokens(logp_s, toks) * mask
-        teach[idx] = gather_tokens(logp_t, toks) * mask
-        kl[route] = float((reverse_kl_full(logp_s, logp_t) * mask).sum() / mask.sum().clamp(min=1))
-        if keep_full:
-            if full is None:
-                full = torch.zeros(batch, steps, logp_t.shape[-1], device=old.device)
-            full[idx] = logp_t
-    return Scored(old_logp=old, teacher_logp=teach, teacher_logp_full=full, kl=kl)
+    with torch.no_grad():
+        logp_t = log_probs(completion_logits(teacher, chunk), temperature)
+        logp_s = log_probs(student_logits.detach(), temperature)
+        mask = chunk.mask
+        kl = float((reverse_kl_full(logp_s, logp_t) * mask).sum())
+        return Scored(
+            old_logp=gather_tokens(logp_s, chunk.tokens) * mask,
+            teacher_logp=gather_tokens(logp_t, chunk.tokens) * mask,
+            teacher_logp_full=logp_t,
+            kl_sum=kl,
+        )

@@ -46,3 +46,36 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """`posttrain ARGV` in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def spine(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """tests/recipes/spine_tiny.yaml built once (real stages, shrunk) into a session store.
+
+    Tests that use it may add to the store but must leave every spine stage stored.
+    """
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("spine")
+    recipe = root / "spine_tiny.yaml"
+    shutil.copy(RECIPES / "spine_tiny.yaml", recipe)
+    world = {"root": root, "recipe": recipe, "store": root / "store", "state": root / "state"}
+    rc, out, err = run_cli("run", str(recipe), "--store", str(world["store"]), "--state-dir",
+                           str(world["state"]), "--max-parallel", "2", "--json")
+    assert rc == 0, err
+    world["first_run"] = json.loads(out)
+    return world

@@ -81,19 +81,55 @@ FAST = {"max_steps": 1, "prompts_per_route": 4, "eval_n": 0, "max_new_tokens": 4
 @pytest.mark.parametrize("estimator", L.ESTIMATORS)
 def test_student_equal_teacher_gives_exact_zero(tok, estimator):
     student = tiny(tok)
-    teacher = copy.deepcopy(student)
+    teacher = copy.deepcopy(student).eval()
     ro = rollout_of(student, tok)
     groups = {"a": torch.arange(0, len(PROMPTS), 2), "b": torch.arange(1, len(PROMPTS), 2)}
-    sc = L.score(student, {"a": teacher, "b": teacher}, ro, groups, keep_full=True)
-    assert torch.equal(sc.old_logp, sc.teacher_logp)
-    assert sc.kl == {"a": 0.0, "b": 0.0}
-    assert torch.count_nonzero(L.advantages(sc.teacher_logp, sc.old_logp, ro.mask)) == 0
+    chunks = L.plan_chunks(ro, groups, max_rows=4)
+    assert len(chunks) == 4
     student.train()
-    loss, stats = L.mopd_loss(L.completion_logits(student, ro), ro.tokens, ro.mask, sc.old_logp,
-                              sc.teacher_logp, sc.teacher_logp_full, estimator=estimator, top_k=4)
-    loss.backward()
-    assert loss.item() == 0.0 and stats["dropped"] == 0
+    for _, idx in chunks:
+        chunk = L.view(ro, idx)
+        logits = L.completion_logits(student, chunk)
+        sc = L.score(logits, teacher, chunk)
+        assert torch.equal(sc.old_logp, sc.teacher_logp) and sc.kl_sum == 0.0
+        assert torch.count_nonzero(L.advantages(sc.teacher_logp, sc.old_logp, chunk.mask)) == 0
+        loss, stats = L.mopd_loss(logits, chunk.tokens, chunk.mask, sc.old_logp, sc.teacher_logp,
+                                  sc.teacher_logp_full, estimator=estimator, top_k=4)
+        loss.backward()
+        assert loss.item() == 0.0 and stats["dropped"] == 0
     assert all(torch.count_nonzero(p.grad) == 0 for p in student.parameters())
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_student_equal_teacher_trainer_step_is_a_no_op(tok, minibatches):
+    """End to end (fused on-policy update, and the pre-pass path): KL 0, weights unchanged."""
+    from accelerate import Accelerator
+
+    student = tiny(tok)
+    before = copy.deepcopy(student.state_dict())
+    teachers = {"arith": copy.deepcopy(student), "reverse": copy.deepcopy(student)}
+    cfg = mopd.Config(max_new_tokens=5, minibatches=minibatches, estimator="full_vocab")
+    trainer = mopd.Trainer(cfg, Accelerator(cpu=True), student, teachers, tok,
+                           {"arith": "arith", "reverse": "reverse"})
+    rows = [{"prompt": "1+2=", "domain": "arith", "answer": "3"},
+            {"prompt": "rev:abcd=", "domain": "reverse", "answer": "dcba"}] * 4
+    point = trainer.step(rows)
+    assert point["kl/arith"] == point["kl/reverse"] == point["loss"] == 0.0
+    after = trainer.unwrapped().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_view_trims_padding_but_keeps_logits(tok):
+    model = tiny(tok).eval()
+    ro = rollout_of(model, tok, ["1+2=", "count:k:xkqkvk="] * 2)
+    idx = torch.tensor([0, 2])  # the two short prompts
+    chunk = L.view(ro, idx)
+    assert chunk.input_ids.shape[1] < ro.input_ids.shape[1]
+    with torch.no_grad():
+        full = L.completion_logits(model, ro)[idx][:, : chunk.tokens.shape[1]]
+        trimmed = L.completion_logits(model, chunk)
+    valid = chunk.mask.bool()
+    torch.testing.assert_close(trimmed[valid], full[valid], rtol=1e-4, atol=1e-5)
 
 
 def test_kl_estimators_on_known_distributions():
@@ -167,22 +203,27 @@ def test_routing_sends_each_sample_to_its_routes_teacher(tok):
     teachers = {route: FixedTeacher(t, vocab) for route, t in tokens.items()}
     rows = [{"prompt": "1+2=", "domain": "arith", "answer": "3"},
             {"prompt": "rev:abcd=", "domain": "reverse", "answer": "dcba"}] * 3
-    cfg = mopd.Config(estimator="full_vocab", max_new_tokens=5)
+    cfg = mopd.Config(max_new_tokens=5)
     trainer = mopd.Trainer(cfg, Accelerator(cpu=True), tiny(tok), teachers, tok,
                            {"arith": "arith", "reverse": "reverse"})
     batch = trainer.collect(rows)
-    ro, sc = batch["rollout"], batch["scored"]
     expected = torch.tensor([-10.0, 10.0]).log_softmax(-1)  # [off-token, on-token] log-probs
-    for i, row in enumerate(rows):
-        want = tokens[row["domain"]]
-        valid = ro.mask[i].bool()
-        assert (sc.teacher_logp_full[i][valid].argmax(-1) == want).all()
-        lp = torch.where(ro.tokens[i] == want, expected[1], expected[0])
-        torch.testing.assert_close(sc.teacher_logp[i][valid], lp[valid])
-        adv = L.advantages(sc.teacher_logp, sc.old_logp, ro.mask)[i][valid]
-        torch.testing.assert_close(adv, (lp - sc.old_logp[i])[valid])
+    seen = []
+    for (route, idx), sc in zip(batch["chunks"], trainer.score(batch), strict=True):
+        assert {rows[i]["domain"] for i in idx.tolist()} == {route}
+        seen += idx.tolist()
+        chunk = L.view(batch["rollout"], idx)
+        valid = chunk.mask.bool()
+        assert (sc.teacher_logp_full[valid].argmax(-1) == tokens[route]).all()
+        lp = torch.where(chunk.tokens == tokens[route], expected[1], expected[0])
+        torch.testing.assert_close(sc.teacher_logp[valid], lp[valid])
+        adv = L.advantages(sc.teacher_logp, sc.old_logp, chunk.mask)
+        torch.testing.assert_close(adv[valid], (lp - sc.old_logp)[valid])
+    assert sorted(seen) == list(range(len(rows)))
     assert teachers["arith"].rows_seen == 3 and teachers["reverse"].rows_seen == 3
-    assert set(sc.kl) == {"arith", "reverse"}
+    point = trainer.update(batch)  # the fused path routes the same chunks
+    assert teachers["arith"].rows_seen == 6 and teachers["reverse"].rows_seen == 6
+    assert point["kl/arith"] > 1 and point["kl/reverse"] > 1
 
 
 def test_route_table_unmapped_error_and_default():

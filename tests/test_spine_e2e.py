@@ -1,36 +1,30 @@
 """End-to-end: the real stage kinds, shrunk, through the real Prefect flow and child processes.
 
-One store is shared by the tests of this module, in order: first run, no-op rerun, a --set on
-one specialist, a crash by signal, a kill between payload and manifest.
+The session's `spine` store (tests/conftest.py) is shared by the tests of this module, in order:
+first run, no-op rerun, a --set on one specialist, a crash by signal, a kill between payload and
+manifest; each leaves every stage of the recipe stored.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from artifacts.store import Store
-from flows.cli import main
-from tests.conftest import RECIPES
+from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("spine")
-    recipe = root / "spine_tiny.yaml"
-    shutil.copy(RECIPES / "spine_tiny.yaml", recipe)
-    return {"recipe": recipe, "store": root / "store", "state": root / "state"}
+@pytest.fixture()
+def world(spine: dict) -> dict[str, Path]:
+    return spine
 
 
-def _cli(world: dict[str, Path], *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list]:
-    cmd, *rest = args
-    rc = main([cmd, str(world["recipe"]), "--store", str(world["store"]), "--state-dir",
-               str(world["state"]), "--json", *rest]
-              + (["--no-tracking"] if cmd == "run" else []))
-    out = capsys.readouterr().out
+def _cli(world: dict[str, Path], cmd: str, *rest: str) -> tuple[int, list]:
+    rc, out, _ = run_cli(cmd, str(world["recipe"]), "--store", str(world["store"]),
+                         "--state-dir", str(world["state"]), "--json", *rest,
+                         *(["--no-tracking"] if cmd == "run" else []))
     return rc, json.loads(out)
 
 
@@ -38,9 +32,8 @@ def _by_stage(rows: list[dict]) -> dict[str, dict]:
     return {r["stage"]: r for r in rows}
 
 
-def test_first_run_trains_every_stage_with_parallel_specialists(world, capsys):
-    rc, rows = _cli(world, "run", "--max-parallel", "2", capsys=capsys)
-    assert rc == 0, rows
+def test_first_run_trains_every_stage_with_parallel_specialists(world):
+    rows = world["first_run"]  # the session fixture ran it: --max-parallel 2, tracking on
     assert [r["status"] for r in rows] == ["trained"] * 7
     store = Store(world["store"])
     t = {s: store.manifest(r["key"])["timings"] for s, r in _by_stage(rows).items()}
@@ -51,30 +44,30 @@ def test_first_run_trains_every_stage_with_parallel_specialists(world, capsys):
         r["stage"]: r["key"] for r in rows}
 
 
-def test_second_run_trains_nothing_and_plan_is_fresh(world, capsys):
-    rc, rows = _cli(world, "run", capsys=capsys)
+def test_second_run_trains_nothing_and_plan_is_fresh(world):
+    rc, rows = _cli(world, "run")
     assert rc == 0 and {r["status"] for r in rows} == {"reused"}
-    rc, plan = _cli(world, "plan", capsys=capsys)
+    rc, plan = _cli(world, "plan")
     assert rc == 0 and {p["status"] for p in plan} == {"fresh"}
 
 
-def test_set_one_specialist_reruns_exactly_it_and_descendants(world, capsys):
-    rc, plan = _cli(world, "plan", "--set", "rl_arith.max_steps=2", capsys=capsys)
+def test_set_one_specialist_reruns_exactly_it_and_descendants(world):
+    rc, plan = _cli(world, "plan", "--set", "rl_arith.max_steps=2")
     runs = {p["stage"]: p["reasons"] for p in plan if p["status"] == "run"}
     assert set(runs) == {"rl_arith", "mopd_r1", "mopd"}
     assert runs["rl_arith"] == ["config changed: max_steps 1 -> 2"]
     assert "upstream changed: rl_arith" in runs["mopd_r1"]
     assert runs["mopd"] == ["upstream changed: mopd_r1"]
-    rc, rows = _cli(world, "run", "--set", "rl_arith.max_steps=2", capsys=capsys)
+    rc, rows = _cli(world, "run", "--set", "rl_arith.max_steps=2")
     assert rc == 0
     trained = {r["stage"] for r in rows if r["status"] == "trained"}
     assert trained == {"rl_arith", "mopd_r1", "mopd"}
 
 
-def test_a_stage_killed_by_a_signal_fails_alone(world, capsys, monkeypatch):
+def test_a_stage_killed_by_a_signal_fails_alone(world, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_FAULT", "rl_reverse:kill")
     rc, rows = _cli(world, "run", "--force", "rl_arith", "--force", "rl_reverse",
-                    "--max-parallel", "2", capsys=capsys)
+                    "--max-parallel", "2")
     by = _by_stage(rows)
     assert rc == 1
     assert by["rl_reverse"]["status"] == "failed"
@@ -84,18 +77,18 @@ def test_a_stage_killed_by_a_signal_fails_alone(world, capsys, monkeypatch):
     assert by["mopd_r1"]["status"] == "failed" and "upstream" in by["mopd_r1"]["error"]
 
 
-def test_kill_between_payload_and_manifest_leaves_nothing_visible(world, capsys, monkeypatch):
+def test_kill_between_payload_and_manifest_leaves_nothing_visible(world, monkeypatch):
     store = Store(world["store"])
     key = store.resolve("spine_tiny:sft")
     monkeypatch.setenv("POSTTRAIN_FAULT", "sft:kill-before-manifest")
-    rc, rows = _cli(world, "run", "--force", "sft", capsys=capsys)
+    rc, rows = _cli(world, "run", "--force", "sft")
     assert rc == 1 and _by_stage(rows)["sft"]["status"] == "failed"
     assert (Path(store.object_path(key)) / "config.json").exists()  # the payload landed...
     assert not store.has(key) and key not in store.keys()  # ...but is not an artifact
     monkeypatch.delenv("POSTTRAIN_FAULT")
-    rc, plan = _cli(world, "plan", capsys=capsys)
+    rc, plan = _cli(world, "plan")
     assert _by_stage(plan)["sft"] == {**_by_stage(plan)["sft"], "status": "run",
                                       "reasons": ["not in store"]}
-    rc, rows = _cli(world, "run", capsys=capsys)
+    rc, rows = _cli(world, "run")
     assert rc == 0 and _by_stage(rows)["sft"]["status"] == "trained"
     assert store.has(key)

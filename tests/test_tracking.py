@@ -1,0 +1,204 @@
+"""The MLflow mirror on a throw-away sqlite database, and the unreachable-server path + sync.
+
+Run: ``.venv/bin/python -m pytest tests/test_tracking.py -q``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before anything imports mlflow / matplotlib: no telemetry, no font cache in ~/.cache.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from artifacts import lineage  # noqa: E402
+from artifacts.store import RefError, Store  # noqa: E402
+from artifacts.tracking import PENDING, Tracker, flatten  # noqa: E402
+from flows import provenance_cli  # noqa: E402
+
+STAGES = ["data", "sft", "rl_arith", "rl_reverse", "mopd_r1", "mopd"]
+
+
+def key_of(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def publish(store: Store, tmp: Path, recipe: str, stage: str, kind: str,
+            inputs: dict[str, Any], t: float) -> str:
+    key = key_of(f"{recipe}:{stage}")
+    refs: dict[str, Any] = {}
+    for role, v in inputs.items():  # input_refs as the stage runner writes them
+        def ref(k: str) -> dict[str, Any]:
+            m = store.manifest(k) or {}
+            return {"key": k, "recipe": m["recipe"], "stage": m["stage"], "kind": m["kind"]}
+        refs[role] = {n: ref(x) for n, x in v.items()} if isinstance(v, dict) else ref(v)
+    staged = tmp / f"s-{recipe}-{stage}"
+    staged.mkdir()
+    (staged / "config.json").write_text("{}")
+    man = {"format": 1, "recipe": recipe, "stage": stage, "kind": kind,
+           "produces": "dataset" if kind == "data" else "model",
+           "config": {"max_steps": 2, "optim": {"lr": 1e-3}, "domains": ["arith", "reverse"]},
+           "inputs": inputs, "input_refs": refs,
+           "metrics": {"eval": {} if kind == "data" else {"arith": t / 10, "reverse": 0.5},
+                       "train": {"loss": 0.4},
+                       "history": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.6}]},
+           "timings": {"ended_unix": t, "seconds": 1.5}, "run_id": f"run-{recipe}",
+           "sft_root": key_of(f"{recipe}:sft") if kind != "data" else None}
+    store.publish(key, staged, man)
+    store.set_ref(recipe, stage, key)
+    return key
+
+
+def make_store(tmp: Path) -> tuple[Store, dict[str, str]]:
+    """data -> sft -> rl_arith / rl_reverse (teachers) -> mopd_r1 -> mopd, plus team_b:student
+    taught by mimo_tiny's rl_arith."""
+    store, k = Store(tmp / "store"), {}
+    k["data"] = publish(store, tmp, "mimo_tiny", "data", "data", {}, 1)
+    k["sft"] = publish(store, tmp, "mimo_tiny", "sft", "sft", {"data": {"mix": k["data"]}}, 2)
+    for i, d in enumerate(("arith", "reverse")):
+        k[f"rl_{d}"] = publish(store, tmp, "mimo_tiny", f"rl_{d}", "grpo",
+                               {"init": k["sft"], "reference": k["sft"]}, 3 + i)
+    teachers = {"arith": k["rl_arith"], "reverse": k["rl_reverse"]}
+    k["mopd_r1"] = publish(store, tmp, "mimo_tiny", "mopd_r1", "mopd",
+                           {"init": k["sft"], "teachers": teachers}, 5)
+    k["mopd"] = publish(store, tmp, "mimo_tiny", "mopd", "mopd",
+                        {"init": k["mopd_r1"], "teachers": teachers}, 6)
+    k["student"] = publish(store, tmp, "team_b", "student", "mopd",
+                           {"init": k["sft"], "teachers": {"arith": k["rl_arith"]}}, 7)
+    return store, k
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def runs_by_stage(c: Any, recipe: str) -> dict[str, Any]:
+    eid = c.get_experiment_by_name(recipe).experiment_id
+    # get_run: search_runs leaves inputs.model_inputs empty.
+    return {r.data.tags.get("posttrain.stage", "(parent)"): c.get_run(r.info.run_id)
+            for r in c.search_runs([eid])}
+
+
+def test_flatten() -> None:
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]",
+                                                              "d": "x"}
+
+
+def test_mirror_on_sqlite(tmp_path: Path) -> None:
+    store, k = make_store(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = Tracker(uri, tmp_path / "state")
+    pid = tr.start_run("mimo_tiny", "run-mimo_tiny", {"sets": ["sft.max_steps=2"]})
+    assert pid
+    ids = {s: tr.log_stage(store.manifest(k[s]), "trained", pid, store.uri) for s in STAGES}
+    summary = [{"stage": s, "key": k[s], "status": "trained",
+                "eval": store.manifest(k[s])["metrics"]["eval"]} for s in STAGES]
+    tr.finish_run(pid, "ok", summary, {"lineage.md": "```mermaid\nflowchart LR\n```\n"})
+    assert tr.last_error is None and all(ids.values())
+    c = client(uri)
+    runs = runs_by_stage(c, "mimo_tiny")
+    parent = runs["(parent)"]
+    assert parent.data.tags["posttrain.run_id"] == "run-mimo_tiny"
+    assert parent.data.params["sets"] == '["sft.max_steps=2"]'
+    assert parent.info.status == "FINISHED"
+    arts = {a.path for a in c.list_artifacts(pid)}
+    assert {"summary.json", "eval_table.md", "accuracy.png", "lineage.md"} <= arts
+    mopd = runs["mopd"]
+    tags = mopd.data.tags
+    assert tags["mlflow.parentRunId"] == pid
+    assert tags["posttrain.key"] == k["mopd"] and tags["posttrain.kind"] == "mopd"
+    assert tags["posttrain.sft_root"] == k["sft"] and tags["posttrain.recipe"] == "mimo_tiny"
+    assert tags["posttrain.input.teacher.arith"] == k["rl_arith"]
+    assert tags["posttrain.input.init"] == k["mopd_r1"]
+    assert mopd.data.params["optim.lr"] == "0.001" and mopd.data.params["max_steps"] == "2"
+    assert mopd.data.metrics["eval.arith"] == pytest.approx(0.6)
+    assert [m.step for m in c.get_metric_history(mopd.info.run_id, "loss")] == [1, 2]
+    # LoggedModels: outputs of their run, inputs of their consumers; weights stay in the store.
+    model = c.get_logged_model(ids["mopd"]["model_id"])
+    assert model.tags["posttrain.path"].endswith(k["mopd"])
+    assert model.tags["mlflow.model.isExternal"] == "true"
+    assert [o.model_id for o in mopd.outputs.model_outputs] == [model.model_id]
+    assert {i.model_id for i in mopd.inputs.model_inputs} == {
+        ids[s]["model_id"] for s in ("mopd_r1", "rl_arith", "rl_reverse")}
+    sft_inputs = runs["sft"].inputs.dataset_inputs
+    assert [d.dataset.name for d in sft_inputs] == ["mimo_tiny:data"]
+    # Registered versions with an alias, resolvable back to store keys.
+    mv = c.get_model_version_by_alias("mimo_tiny.mopd", "current")
+    assert mv.tags["posttrain.key"] == k["mopd"]
+    assert tr.resolve_model_uri("models:/mimo_tiny.mopd@current") == k["mopd"]
+    assert lineage.resolve(store, "models:/mimo_tiny.sft/1", uri) == k["sft"]
+    with pytest.raises(RefError, match="nope"):
+        tr.resolve_model_uri("models:/mimo_tiny.nope@current")
+    # A second recipe reusing a teacher: a link-only run under its own parent.
+    tr_b = Tracker(uri, tmp_path / "state")
+    pid_b = tr_b.start_run("team_b", "run-b", {})
+    got = tr_b.log_stage(store.manifest(k["rl_arith"]), "reused", pid_b, store.uri)
+    assert got["model_id"] == ids["rl_arith"]["model_id"]
+    link = c.get_run(got["run_id"])
+    assert link.data.tags["posttrain.status"] == "reused" and not link.data.params
+    assert [i.model_id for i in link.inputs.model_inputs] == [got["model_id"]]
+    assert c.get_experiment(link.info.experiment_id).name == "team_b"
+    # impact reports the registered versions that point downstream of a teacher.
+    rep = lineage.impact(store, k["rl_arith"], tr)
+    assert {v["name"] for v in rep["registered_versions"]} == {
+        "mimo_tiny.rl_arith", "mimo_tiny.mopd_r1", "mimo_tiny.mopd"}
+    assert not (tmp_path / "state" / PENDING).exists()
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="posttrain")
+    provenance_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_unreachable_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    store, k = make_store(tmp_path)
+    state = tmp_path / "state"
+    t0 = time.time()
+    tr = Tracker("http://127.0.0.1:9", state)
+    pid = tr.start_run("mimo_tiny", "run-mimo_tiny", {"a": 1})
+    results = [tr.log_stage(store.manifest(k[s]), "trained", pid, store.uri) for s in STAGES]
+    tr.finish_run(pid, "ok", [{"stage": "mopd", "status": "trained", "eval": {"arith": 1.0}}],
+                  {"lineage.md": "flowchart LR"})
+    assert time.time() - t0 < 10
+    assert pid is None and results == [None] * len(STAGES)
+    err = capsys.readouterr().err
+    assert err.count("warning: MLflow at http://127.0.0.1:9") == 1 and "posttrain sync" in err
+    ops = [json.loads(x)["op"] for x in (state / PENDING).read_text().splitlines()]
+    assert ops == ["start_run"] + ["log_stage"] * len(STAGES) + ["finish_run"]
+    s = ["--store", store.uri, "--state-dir", str(state)]
+    assert cli(["sync", "--tracking-uri", "http://127.0.0.1:9", *s]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "127.0.0.1:9" in err and "Traceback" not in err
+    # MLflow is back (here: a sqlite db): sync records every stage, then has nothing to do.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert cli(["sync", "--tracking-uri", uri, *s]) == 0
+    assert "recorded 7 stage run(s)" in capsys.readouterr().out
+    assert not (state / PENDING).exists()
+    c = client(uri)
+    runs = runs_by_stage(c, "mimo_tiny")
+    parent = runs["(parent)"]
+    assert parent.data.tags["posttrain.run_id"] == "run-mimo_tiny"
+    assert parent.data.params == {"a": "1"} and parent.info.status == "FINISHED"
+    assert runs["mopd"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(runs["mopd"].inputs.model_inputs) == 3  # parents were recorded first
+    assert "lineage.md" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    student = runs_by_stage(c, "team_b")  # never in the pending file: back-filled from store
+    assert student["student"].data.tags["posttrain.input.teacher.arith"] == k["rl_arith"]
+    assert Tracker(uri, state).sync(store) == 0
