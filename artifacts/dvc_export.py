@@ -2,13 +2,17 @@
 a checkpoint.
 
 Each stage runs ``posttrain stage RECIPE STAGE --store URI --pointer .posttrain/pointers/S.json``
-(the same entry point Prefect, Kubernetes and ``accelerate launch`` use). Its deps are the recipe
-file, the stage's code (``artifacts.keys.code_files`` of its kind module: the files that make up
-its code digest) and its inputs' pointer files; its only out is its own pointer file (a small JSON
-``{key, store, recipe, stage}``) with ``cache: false``. Checkpoints stay in the content-keyed
-store, so ``dvc status`` costs the same for a 1 MB and a 10 GB model. A user data file (``path:``
-of a ``data`` stage) is a plain dep; when it is tracked by DVC its key uses the DVC md5
-(artifacts/keys.data_digest), so both tools agree on when it changed.
+(the entry point Prefect, Kubernetes and ``accelerate launch`` use too). Its only out is its
+pointer file (a small JSON ``{key, store, recipe, stage}``, ``cache: false``): checkpoints stay
+in the content-keyed store, so ``dvc status`` costs the same for a 1 MB and a 10 GB model.
+
+Deps mirror what feeds the stage's content key, for the stage and every ancestor (an ancestor's
+change changes the key too): the kind's code files (``artifacts.keys.code_files``, the files of
+its code digest), user data files (``path:`` of a ``data`` stage; a DVC-tracked one is keyed by
+its DVC md5, artifacts/keys.data_digest), and the recipe sections as DVC ``params`` (the stage
+template, ``defaults.<kind>``, ``vars`` when used), plus the parents' pointer files. So after an
+edit ``dvc status`` names the stages ``posttrain plan`` rebuilds (a ``resources:`` edit is
+the exception: it is in the section but not in the key). ``--set`` overrides are invisible to DVC.
 
 Run: ``posttrain export-dvc recipes/mimo_tiny.yaml --output dvc.yaml && dvc dag``
 """
@@ -16,6 +20,7 @@ Run: ``posttrain export-dvc recipes/mimo_tiny.yaml --output dvc.yaml && dvc dag`
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,14 +54,36 @@ def _kind_code_files(kind: str) -> list[str]:
     return [str(PROJECT_ROOT / rel) for rel, _ in code_files(KINDS[kind])]
 
 
+def _get(doc: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    return doc
+
+
 def stages_from_recipe(recipe: Any) -> list[dict[str, Any]]:
-    """The export's stage list from a flows.recipe.Recipe (stages in topological order)."""
+    """The export's stage list from a flows.recipe.Recipe (stages in topological order).
+
+    `params` name the recipe sections that feed a stage's content key: its template
+    (``stages.<name as written>``), ``defaults.<kind>`` and, if the template uses them, ``vars``.
+    """
+    import yaml
+
+    raw = yaml.safe_load(Path(recipe.path).read_text()) if getattr(recipe, "path", None) else {}
     specs = recipe.stages.values() if isinstance(recipe.stages, dict) else recipe.stages
     out = []
     for s in specs:
+        where = getattr(s, "where", "") or ""
+        body = _get(raw, where) if where else None
+        params = None
+        if body is not None:  # else: unknown layout, the whole recipe file stays a dep
+            params = [where] + [k for k in (f"defaults.{s.kind}",) if _get(raw, k) is not None]
+            # foreach, ${var} and {domain}-style placeholders all read `vars`.
+            if "foreach" in body or re.search(r"\$\{|\{\w+\}", yaml.safe_dump(body)):
+                params.append("vars")
         data = [s.config["path"]] if s.kind == "data" and s.config.get("path") else []
         out.append({"name": s.name, "kind": s.kind, "parents": list(s.parents()),
-                    "code_files": _kind_code_files(s.kind), "data_files": data})
+                    "code_files": _kind_code_files(s.kind), "data_files": data,
+                    "params": params})
     return out
 
 
@@ -69,41 +96,64 @@ def export_doc(recipe_path: str | Path, stages: Iterable[Any], store_uri: str, *
                root: str | Path | None = None, pointer_dir: str = POINTER_DIR,
                command: str = "posttrain") -> dict[str, Any]:
     """The dvc.yaml document as a dict (see `export`)."""
-    base = Path(root or Path.cwd()).absolute()
-    recipe_rel = _rel(Path(recipe_path).absolute(), base)
     from artifacts.keys import PROJECT_ROOT
 
-    doc: dict[str, Any] = {"stages": {}}
+    base = Path(root or Path.cwd()).absolute()
+    recipe_rel = _rel(Path(recipe_path).absolute(), base)
+    if "://" not in store_uri:  # a local store path given from the cwd: DVC runs in `root`
+        store_uri = _rel(Path(store_uri).absolute(), base)
+    info: dict[str, dict[str, Any]] = {}
     for s in stages:
-        name, kind = _field(s, "name"), _field(s, "kind")
         parents = _field(s, "parents")
-        parents = list(parents() if callable(parents) else parents or [])
         code = _field(s, "code_files")
-        if code is None:
-            code = _kind_code_files(kind)
+        info[_field(s, "name")] = {
+            "kind": _field(s, "kind"),
+            "parents": sorted(parents() if callable(parents) else parents or []),
+            # code_files of artifacts.keys are relative to the project root, not to dvc.yaml.
+            "code": [_rel(Path(f) if Path(f).is_absolute() else PROJECT_ROOT / f, base)
+                     for f in (code if code is not None else _kind_code_files(_field(s, "kind")))],
+            "data": [_rel(Path(f).absolute(), base) for f in _field(s, "data_files") or []],
+            "params": _field(s, "params")}
+
+    def lineage(name: str) -> list[str]:  # the stage and all its ancestors in this recipe
+        seen, todo = [], [name]
+        while todo:
+            if (n := todo.pop()) not in seen and n in info:
+                seen.append(n)
+                todo += info[n]["parents"]
+        return seen
+
+    doc: dict[str, Any] = {"stages": {}}
+    for name, st in info.items():
+        # An ancestor's change changes this stage's key too (`posttrain plan` marks it stale);
+        # listing the ancestors' code and recipe sections makes `dvc status` agree.
+        up = lineage(name)
+        params = [p for n in up for p in (info[n]["params"] or [])]
+        whole_file = any(info[n]["params"] is None for n in up)
         out = pointer_path(name, pointer_dir)
-        cmd = [command, "stage", recipe_rel, name, "--store", store_uri, "--pointer", out]
-        deps = [recipe_rel]
-        # code_files from artifacts.keys are relative to the project root, not to dvc.yaml.
-        deps += sorted(_rel(Path(f) if Path(f).is_absolute() else PROJECT_ROOT / f, base)
-                       for f in code)
-        deps += [_rel(Path(f).absolute(), base) for f in _field(s, "data_files") or []]
-        deps += [pointer_path(p, pointer_dir) for p in sorted(parents)]
-        doc["stages"][name] = {
-            "cmd": shlex.join(cmd),
-            "deps": list(dict.fromkeys(deps)),
-            "outs": [{out: {"cache": False}}],
-            "meta": {"kind": kind},
-        }
+        deps = [recipe_rel] if whole_file else []
+        deps += sorted({f for n in up for f in info[n]["code"]})
+        deps += sorted({f for n in up for f in info[n]["data"]})
+        deps += [pointer_path(p, pointer_dir) for p in st["parents"]]
+        stage: dict[str, Any] = {
+            "cmd": shlex.join([command, "stage", recipe_rel, name, "--store", store_uri,
+                               "--pointer", out]),
+            "deps": list(dict.fromkeys(deps))}
+        if params:
+            stage["params"] = [{recipe_rel: list(dict.fromkeys(params))}]
+        stage["outs"] = [{out: {"cache": False}}]
+        stage["meta"] = {"kind": st["kind"]}
+        doc["stages"][name] = stage
     return doc
 
 
 def export(recipe_path: str | Path, stages: Iterable[Any], store_uri: str, *,
            root: str | Path | None = None, pointer_dir: str = POINTER_DIR,
            command: str = "posttrain") -> str:
-    """dvc.yaml text for `stages` ([{name, kind, parents, code_files, data_files}] or
-    StageSpecs). Paths are written relative to `root` (the directory of dvc.yaml, default the
-    working directory); `code_files` may be relative to the project root or absolute."""
+    """dvc.yaml text for `stages`: dicts {name, kind, parents, code_files, data_files, params}
+    (only name/kind/parents required) or StageSpecs. Paths are relative to `root` (where
+    dvc.yaml lives, default the working directory); `code_files` may be relative to the project
+    root or absolute. Without `params` a stage depends on the whole recipe file."""
     import yaml
 
     doc = export_doc(recipe_path, stages, store_uri, root=root, pointer_dir=pointer_dir,
@@ -111,4 +161,4 @@ def export(recipe_path: str | Path, stages: Iterable[Any], store_uri: str, *,
     recipe_rel = _rel(Path(recipe_path).absolute(), Path(root or Path.cwd()).absolute())
     head = (f"# Generated by `posttrain export-dvc {recipe_rel}`: edit the recipe, export again.\n"
             "# Outs are small pointer files (key + store), never checkpoints: cache: false.\n")
-    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    return head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DOMAINS = ["arith", "reverse", "sort", "count"]
+DOMAINS = ["arith", "reverse", "sort", "shift"]
 
 
 def _ref(path: Path, kind: str):  # noqa: ANN202
@@ -43,8 +43,8 @@ def stage_data(a: argparse.Namespace) -> dict:
     from artifacts.refs import Inputs
     from tasks import data
 
-    mix = dict(zip(DOMAINS, (float(x) for x in a.mix.split(":")), strict=True))
-    cfg = data.Config(domains=DOMAINS, mix=mix, size=a.data_size, seed=0)
+    mix = dict(zip(a.domains, (float(x) for x in a.mix.split(":")), strict=True))
+    cfg = data.Config(domains=a.domains, mix=mix, size=a.data_size, seed=0)
     return data.run(cfg, Inputs(), a.out / "data", _say)
 
 
@@ -124,16 +124,17 @@ def stage_rl(a: argparse.Namespace) -> dict:
     return done
 
 
-def table(results: dict, tag: str = "") -> str:
+def table(results: dict, tag: str = "", domains: list[str] | None = None) -> str:
+    domains = domains or DOMAINS
     sft = results.get("sft", {}).get("eval", {})
-    lines = ["| model | " + " | ".join(DOMAINS) + " | seconds |", "|---" * (len(DOMAINS) + 2) + "|"]
+    lines = ["| model | " + " | ".join(domains) + " | seconds |", "|---" * (len(domains) + 2) + "|"]
     rows = [("sft", results.get("sft", {}))] + [
-        (f"rl_{d}{tag}", results.get("rl" + tag, {}).get(d, {})) for d in DOMAINS
+        (f"rl_{d}{tag}", results.get("rl" + tag, {}).get(d, {})) for d in domains
     ]
     for name, r in rows:
         ev = r.get("eval", {})
         cells = []
-        for d in DOMAINS:
+        for d in domains:
             if d not in ev:
                 cells.append("-")
                 continue
@@ -149,7 +150,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/calib"))
     p.add_argument("--stages", default="data,base,sft,rl")
     p.add_argument("--domains", type=lambda s: s.split(","), default=DOMAINS)
-    p.add_argument("--mix", default="3:1:1:2", help="arith:reverse:sort:count weights")
+    p.add_argument("--mix", default="4:1:0.7:1", help="weights, in the order of --domains")
     p.add_argument("--data-size", type=int, default=50_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=500)
@@ -191,7 +192,7 @@ def main() -> None:
         print(f"{stage}: {res.get('eval', '')} {time.perf_counter() - t0:.0f}s", flush=True)
         results["args"] = {k: str(v) for k, v in vars(a).items()}
         results_file.write_text(json.dumps(results, indent=1))
-    print(table(results, a.tag))
+    print(table(results, a.tag, a.domains))
 
 
 if __name__ == "__main__":

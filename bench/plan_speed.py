@@ -71,7 +71,7 @@ CKPT = "model.safetensors"
 
 
 def _human(n: int) -> str:
-    return f"{n / GB:g} GB" if n >= GB else f"{n / MB:g} MB"
+    return f"{n / GB:.3g} GB" if n >= GB else f"{n / MB:.3g} MB"
 
 
 def snapshot(dest: Path) -> Path:

@@ -69,6 +69,12 @@ def _gen_sort(rng: random.Random) -> tuple[str, str]:
     return f"sort:{s}=", "".join(sorted(s))
 
 
+def _gen_shift(rng: random.Random) -> tuple[str, str]:
+    s = _letters(rng, 4, 6)
+    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+    return f"shift:{s}=", shifted
+
+
 def _gen_count(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(4, 8)
     target = rng.choice(string.ascii_lowercase)
@@ -85,6 +91,7 @@ DOMAINS: dict[str, Domain] = {
         Domain("arith", _gen_arith, _exact, "a+b with operands 0..99, e.g. '12+34=' -> '46'"),
         Domain("reverse", _gen_reverse, _exact, "reverse 4-6 letters, 'rev:abcd=' -> 'dcba'"),
         Domain("sort", _gen_sort, _exact, "sort 4-6 letters, 'sort:dbca=' -> 'abcd'"),
+        Domain("shift", _gen_shift, _exact, "each of 4-6 letters +1, 'shift:abz=' -> 'bca'"),
         Domain(
             "count",
             _gen_count,

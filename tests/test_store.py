@@ -158,7 +158,7 @@ def _assert_invisible(store: Store, key: str) -> None:
     with pytest.raises(RefError, match="no artifact key starts with"):
         store.resolve(key[:10])
     with pytest.raises(RefError, match="not in the store"):
-        store.local_path(key)
+        store.local_path(key, cache_dir="/nonexistent")
     assert store.verify(key) == [f"{key[:12]}: no manifest"]
 
 
@@ -262,11 +262,12 @@ def test_refs_ignore_temp_files_and_empty_store(store: Store) -> None:
 
 # -- verify --------------------------------------------------------------------------------
 
-def test_verify_detects_a_changed_or_missing_file(store: Store) -> None:
+def test_verify_detects_a_changed_or_missing_file(store: Store, tmp_path: Path) -> None:
     key = _key()
     _publish(store, key, {"model.safetensors": b"\1" * 100, "config.json": b"{}"})
     assert store.verify(key) == []
-    store.local_path(key)  # a remote store's download cache must not hide a later change
+    # a remote store's download cache must not hide a later change
+    store.local_path(key, cache_dir=tmp_path / "cache")
     root = store.object_path(key)
     store.fs.pipe(f"{root}/model.safetensors", b"\2" * 100)  # same size, other bytes
     assert store.verify(key) == ["model.safetensors: content differs from the manifest"]
