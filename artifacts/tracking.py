@@ -182,15 +182,7 @@ class Tracker:
 
     def _log_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
                    store_uri: str, run_id: str | None, payload_dir: Any = None) -> dict[str, Any]:
-        from mlflow.entities import (
-            Dataset,
-            DatasetInput,
-            InputTag,
-            LoggedModelInput,
-            LoggedModelOutput,
-            Metric,
-            Param,
-        )
+        from mlflow import entities as ml
 
         from artifacts.lineage import input_edges  # edge labels exactly as lineage shows them
 
@@ -211,30 +203,30 @@ class Tracker:
                            tags={k: str(v) for k, v in tags.items()}).info.run_id
         model_id = existing
         if link_only:
-            c.log_inputs(rid, models=[LoggedModelInput(existing)])
+            c.log_inputs(rid, models=[ml.LoggedModelInput(existing)])
         else:
             metrics = m.get("metrics") or {}
             ts = int(time.time() * 1000)
-            rows = [Metric(f"train.{k}", float(v), ts, 0)
+            rows = [ml.Metric(f"train.{k}", float(v), ts, 0)
                     for k, v in (metrics.get("train") or {}).items() if _num(v)]
             for i, h in enumerate(metrics.get("history") or []):
-                rows += [Metric(k, float(v), ts, int(h.get("step", i))) for k, v in h.items()
+                rows += [ml.Metric(k, float(v), ts, int(h.get("step", i))) for k, v in h.items()
                          if k != "step" and _num(v)]
-            _batches(c, rid, [Param(k, v) for k, v in flatten(m.get("config") or {}).items()],
+            _batches(c, rid, [ml.Param(k, v) for k, v in flatten(m.get("config") or {}).items()],
                      rows)
-            models = [LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
-            data = [DatasetInput(Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage")
+            models = [ml.LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
+            data = [ml.DatasetInput(ml.Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage")
                                          else role, p[:32], "posttrain",
                                          json.dumps({"store": store_uri, "key": p})),
-                                 [InputTag("mlflow.data.context", role)])
+                                 [ml.InputTag("mlflow.data.context", role)])
                     for role, p, r in edges if role.startswith("data:")]
             if models or data:
                 c.log_inputs(rid, datasets=data or None, models=models or None)
             model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
             model_id = model.model_id
-            c.log_outputs(rid, [LoggedModelOutput(model_id, 0)])
+            c.log_outputs(rid, [ml.LoggedModelOutput(model_id, 0)])
             # Eval metrics belong to the run and to its LoggedModel (MLflow 3 model metrics).
-            _batches(c, rid, metrics=[Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id)
+            _batches(c, rid, metrics=[ml.Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id)
                                       for d, v in (metrics.get("eval") or {}).items() if _num(v)])
             if m.get("produces", "model") == "model":
                 self._register(c, m, rid, model)

@@ -145,6 +145,8 @@ def _tracker(args: argparse.Namespace, recipe: str, run_id: str,
     if args.no_tracking:
         os.environ["POSTTRAIN_TRACKING"] = "off"
         return None, None
+    if args.upload_weights:
+        os.environ["POSTTRAIN_TRACKING"] = "upload"
     from artifacts.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, args.state_dir)
@@ -275,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stages at once (default: CPU count / stage cpus)")
             p.add_argument("--runner", default="threads", help="threads (default) or ray")
             p.add_argument("--no-tracking", action="store_true", help="skip the MLflow mirror")
+            p.add_argument("--upload-weights", action="store_true",
+                           help="also upload each model to MLflow (default: a LoggedModel "
+                           "that points at the store, no second copy)")
 
     p = add("stage", "build exactly one stage in this process (what DVC and cluster jobs call)")
     p.add_argument("recipe")

@@ -102,11 +102,16 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def resolve_use(ref: str, store: Store, tracking_uri: str | None = None) -> str:
+def resolve_use(ref: str, store: Store, tracking_uri: str | None = None,
+                state_dir: Path | None = None) -> str:
     if ref.startswith("models:/"):
         from artifacts import tracking  # imports mlflow: only for models:/ refs
 
-        return tracking.resolve_model_uri(ref, tracking_uri)
+        key = tracking.resolve_model_uri(ref, tracking_uri, state_dir or Path(".posttrain"))
+        if not store.has(key):
+            raise RefError(f"{ref} points at key {key[:12]}, which is not in {store.uri} "
+                           "(pass the --store that holds it)")
+        return key
     return store.resolve(ref)
 
 
@@ -131,7 +136,7 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
     for name, spec in recipe.stages.items():
         if spec.kind == "use":
             try:
-                key = resolve_use(spec.use or "", store, tracking_uri)
+                key = resolve_use(spec.use or "", store, tracking_uri, state_dir)
             except (RefError, LookupError) as e:
                 raise RecipeError(str(recipe.path), spec.where + ".use", str(e)) from None
             out[name] = PlannedStage(spec, key, "fresh", [f"pinned to {spec.use}"], {})

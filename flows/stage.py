@@ -163,7 +163,7 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
                 code_files=ps.code_files, metrics=metrics, started=started, ended=ended,
                 sft_root=_sft_root(ps, inputs), warnings=warnings, run_id=run_id)
             man["key"] = ps.key
-            man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri)
+            man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri, staged)
             store.publish(ps.key, staged, man,
                           before_manifest=lambda: _fault(stage, "kill-before-manifest"))
         finally:
@@ -182,11 +182,16 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
 
 
 def _track(man: dict[str, Any], state_dir: Path, tracking_uri: str | None,
-           parent_run: str | None, store_uri: str) -> dict[str, Any] | None:
-    if os.environ.get("POSTTRAIN_TRACKING", "on") == "off":
+           parent_run: str | None, store_uri: str, staged: Path) -> dict[str, Any] | None:
+    """Mirror the stage to MLflow before publishing, so the manifest can hold the run ids.
+
+    POSTTRAIN_TRACKING=off skips it; =upload also uploads the weights to MLflow (a second
+    copy; by default the LoggedModel only points at the store)."""
+    mode = os.environ.get("POSTTRAIN_TRACKING", "on")
+    if mode == "off":
         return None
-    try:
-        from artifacts.tracking import Tracker
-    except ImportError:
-        return None
-    return Tracker(tracking_uri, state_dir).log_stage(man, "trained", parent_run, store_uri)
+    from artifacts.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, state_dir, upload=mode == "upload")
+    return tracker.log_stage(man, "trained", parent_run, store_uri,
+                             payload_dir=staged if mode == "upload" else None)

@@ -155,6 +155,13 @@ def test_mirror_on_sqlite(tmp_path: Path) -> None:
     assert {v["name"] for v in rep["registered_versions"]} == {
         "mimo_tiny.rl_arith", "mimo_tiny.mopd_r1", "mimo_tiny.mopd"}
     assert not (tmp_path / "state" / PENDING).exists()
+    # upload=True copies the payload next to the MLmodel file (default: the store only).
+    up = Tracker(uri, tmp_path / "state", upload=True).log_stage(
+        store.manifest(k["sft"]), "trained", None, store.uri)
+    files = {f.path for f in c.list_logged_model_artifacts(up["model_id"])}
+    assert {"MLmodel", "config.json"} <= files
+    assert "config.json" not in {f.path for f in c.list_logged_model_artifacts(
+        ids["sft"]["model_id"])}
 
 
 def cli(argv: list[str]) -> int:
