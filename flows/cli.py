@@ -102,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "run_id": run_id, "recipe": str(recipe.path), "store": store.uri, "sets": args.set,
         "run_dir": str(run_dir), "state_dir": str(args.state_dir.absolute()),
         "tracking_uri": args.tracking_uri, "parent_run": parent_run,
+        "tracking": "off" if tracker is None else "upload" if args.upload_weights else "on",
         "plan": {p.name: {"key": p.key, "status": p.status, "reasons": p.reasons,
                           "parents": p.spec.parents(), "cpus": p.spec.resources.cpus,
                           "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
@@ -142,11 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _tracker(args: argparse.Namespace, recipe: str, run_id: str,
              planned: list[Any]) -> tuple[Any, str | None]:
-    if args.no_tracking:
-        os.environ["POSTTRAIN_TRACKING"] = "off"
+    if args.no_tracking or os.environ.get("POSTTRAIN_TRACKING") == "off":
         return None, None
-    if args.upload_weights:
-        os.environ["POSTTRAIN_TRACKING"] = "upload"
     from artifacts.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri, args.state_dir)

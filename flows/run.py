@@ -95,7 +95,8 @@ def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             cmd += ["--parent-run", ctx["parent_run"]]
         threads = str(min(cpus, os.cpu_count() or 1))
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                   POSTTRAIN_TRACKING=ctx["tracking"])
         board.update(name, state="running", started=time.time(), progress_file=str(progress))
         with open(log, "w") as f:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
