@@ -4,8 +4,9 @@ that point at the store, registered versions with an alias, and a back-fill (`sy
 The manifests stay the source of truth; MLflow is a view for people and UIs. Every method
 swallows MLflow / connection errors: it warns once on stderr, appends the work to
 ``<state_dir>/mlflow_pending.jsonl`` and returns None, so a run completes with MLflow down;
-`sync(store)` replays that file and records every manifest MLflow does not know. mlflow is
-imported inside methods only (2 s), so importing this module stays cheap.
+`sync(store)` replays that file and records every manifest MLflow does not know. That back-fill
+and the registry look-ups are plain functions in artifacts/tracking_sync.py, called by thin
+methods here. mlflow is imported inside methods only (2 s), so importing this module stays cheap.
 
 Run: ``posttrain sync --store .posttrain/store`` (back-fills ``sqlite:///.posttrain/mlflow.db``)
 """
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from artifacts.store import RefError
+from artifacts import tracking_sync
+from artifacts.tracking_sync import PENDING, pages
 
-PENDING = "mlflow_pending.jsonl"
 ALIAS = "current"  # "latest" is reserved by MLflow's registry
 # A dead server must cost seconds, not MLflow's default 7 retries x 120 s timeout.
 ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -57,15 +58,6 @@ def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any
         c.log_batch(rid, params=params[i:i + 100])
     for i in range(0, len(metrics), 1000):
         c.log_batch(rid, metrics=metrics[i:i + 1000])
-
-
-def _pages(fn: Callable[..., Any], *args: Any, **kw: Any) -> list[Any]:
-    out, token = [], None
-    while True:  # every item of a paged MLflow search
-        page = fn(*args, page_token=token, **kw)
-        out.extend(page)
-        if not (token := page.token):
-            return out
 
 
 class Tracker:
@@ -143,7 +135,7 @@ class Tracker:
 
     def _model_id(self, c: Any, key: str) -> str | None:
         if key not in self._models:  # across experiments: another recipe may have built it
-            ids = [e.experiment_id for e in _pages(c.search_experiments)]
+            ids = [e.experiment_id for e in pages(c.search_experiments)]
             hits = c.search_logged_models(ids, filter_string=f"tags.`posttrain.key` = '{key}'",
                                           max_results=1) if ids else []
             if not hits:
@@ -298,104 +290,20 @@ class Tracker:
         c.set_tag(pid, "posttrain.status", status)
         c.set_terminated(pid, RUN_STATUS.get(status.lower(), status.upper()))
 
-    # -- back-fill and queries -------------------------------------------------------------
+    # -- back-fill and queries: plain functions in artifacts/tracking_sync.py ---------------
     def sync(self, store: Any) -> int:
         """Replay the pending file, then record every manifest MLflow does not know (by tag
         posttrain.key); clears the pending file. Returns how many stages were recorded."""
-        path = self.state_dir / PENDING
-        lines = path.read_text().splitlines() if path.is_file() else []
-        try:
-            with self._client() as c:
-                n = self._sync(c, store, [json.loads(x) for x in lines if x.strip()])
-        except Exception as e:
-            self._fail(e)
-            return 0
-        from filelock import FileLock
-
-        with FileLock(f"{path}.lock", thread_local=False):
-            rest = path.read_text().splitlines()[len(lines):] if path.is_file() else []
-            if rest:  # queued by a run while we synced: keep it for next time
-                path.write_text("\n".join(rest) + "\n")
-            elif path.is_file():
-                path.unlink()
-        return n
-
-    def _sync(self, c: Any, store: Any, ops: list[dict[str, Any]]) -> int:
-        ids = [e.experiment_id for e in _pages(c.search_experiments)]
-        runs = _pages(c.search_runs, ids, max_results=5000) if ids else []
-        run_ids = {r.info.run_id for r in runs}
-        tags = [r.data.tags for r in runs]
-        known = {(t.get("posttrain.key"), t.get("posttrain.run_id") or None) for t in tags}
-        parents = {t["posttrain.run_id"]: r.info.run_id for t, r in zip(tags, runs, strict=True)
-                   if t.get("posttrain.role") == "run"}
-        opened: list[str] = []  # parent runs created here: closed at the end
-        for op in ops:
-            if op["op"] == "start_run" and op["run_id"] not in parents:
-                parents[op["run_id"]] = self._start(c, op["recipe"], op["run_id"], op["params"])
-                opened.append(parents[op["run_id"]])
-        todo = [(m, op["status"], op.get("run_id"), op["parent_run_id"]) for op in ops
-                if op["op"] == "log_stage" and (op["key"], op.get("run_id")) not in known
-                and (m := store.manifest(op["key"])) is not None]
-        keys = {t.get("posttrain.key") for t in tags} | {t[0]["key"] for t in todo}
-        todo += [(m, "trained", m.get("run_id"), None) for m in store.iter_manifests()
-                 if m["key"] not in keys]
-        # Parents end before children: models exist before their consumers link them.
-        todo.sort(key=lambda t: (t[0].get("timings") or {}).get("ended_unix") or 0)
-        for m, status, run_id, parent in todo:
-            if parent not in run_ids:
-                if run_id and run_id not in parents:
-                    parents[run_id] = self._start(c, m["recipe"], run_id, {}, backfilled=True)
-                    opened.append(parents[run_id])
-                parent = parents.get(run_id)
-            self._log_stage(c, m, status, parent, store.uri, run_id)
-        for op in ops:
-            pid = op["parent_run_id"] if op.get("parent_run_id") in run_ids else None
-            if op["op"] == "finish_run" and (pid := pid or parents.get(op.get("run_id"))):
-                self._finish(c, pid, op["status"], op["summary"], op["figures"])
-                opened = [x for x in opened if x != pid]
-        for pid in opened:  # runs that never reported their end (crashed, or back-filled)
-            c.set_terminated(pid, "FINISHED")
-        return len(todo)
+        return tracking_sync.sync(self, store)
 
     def versions_for_keys(self, keys: set[str]) -> list[dict[str, Any]] | None:
         """Registered model versions whose tag posttrain.key is in `keys` (None if down)."""
-        try:
-            with self._client() as c:
-                hits = [c.get_model_version(v.name, v.version)  # search leaves aliases out
-                        for v in _pages(c.search_model_versions, max_results=10000)
-                        if v.tags.get("posttrain.key") in keys]
-        except Exception as e:
-            self._fail(e)
-            return None
-        return sorted(({"name": v.name, "version": v.version, "aliases": list(v.aliases or []),
-                        "key": v.tags["posttrain.key"], "uri": f"models:/{v.name}/{v.version}"}
-                       for v in hits), key=lambda r: (r["name"], int(r["version"])))
+        return tracking_sync.versions_for_keys(self, keys)
 
     def resolve_model_uri(self, uri: str) -> str:
         """The store key behind `models:/name@alias`, `models:/name/version` or `models:/m-id`
         (its tag posttrain.key). Raises store.RefError naming the URI and the fix."""
-        body = uri[len("models:/"):] if uri.startswith("models:/") else ""
-        if (db := self._db()) is not None and not db.exists():
-            raise RefError(f"cannot resolve {uri!r}: no MLflow database at {db} (pass "
-                           "--tracking-uri, or use a key or recipe:stage)")
-        try:
-            with self._client() as c:
-                if "@" in body:
-                    tags = c.get_model_version_by_alias(*body.split("@", 1)).tags
-                elif "/" in body:
-                    tags = c.get_model_version(*body.rsplit("/", 1)).tags
-                elif body.startswith("m-"):
-                    tags = c.get_logged_model(body).tags
-                else:
-                    raise ValueError("expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        except Exception as e:
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise RefError(f"cannot resolve {uri!r} through MLflow at {self.uri}: {msg} (check "
-                           "the name and alias, or pass --tracking-uri)") from None
-        if not tags.get("posttrain.key"):
-            raise RefError(f"{uri!r} has no posttrain.key tag: posttrain did not register it "
-                           "(use a key or recipe:stage)")
-        return tags["posttrain.key"]
+        return tracking_sync.resolve_model_uri(self, uri)
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None,

@@ -25,6 +25,27 @@ sys.path.insert(0, str(ROOT))
 DOMAINS = ["arith", "reverse", "sort", "shift"]
 
 
+def _experimental_domains() -> None:
+    """Candidate domains under trial (registered at runtime; adopted ones move to tasks.domains)."""
+    import random
+
+    from tasks import domains as d
+
+    def arithp(rng: random.Random) -> tuple[str, str]:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"{a:02d}+{b:02d}=", str(a + b)
+
+    def maxn(rng: random.Random) -> tuple[str, str]:
+        xs = [rng.randint(10, 99) for _ in range(3)]
+        return "max:" + ",".join(map(str, xs)) + "=", str(max(xs))
+
+    d.DOMAINS.setdefault("arithp", d.Domain("arithp", arithp, d._exact, "a+b, 2-digit padded"))
+    d.DOMAINS.setdefault("max", d.Domain("max", maxn, d._exact, "max of three 2-digit numbers"))
+
+
+_experimental_domains()
+
+
 def _ref(path: Path, kind: str):  # noqa: ANN202
     from artifacts.refs import ArtifactRef
 
