@@ -57,7 +57,7 @@ def test_set_one_specialist_reruns_exactly_it_and_descendants(world):
     assert set(runs) == {"rl_arith", "mopd_r1", "mopd"}
     assert runs["rl_arith"] == ["config changed: max_steps 1 -> 2"]
     assert "upstream changed: rl_arith" in runs["mopd_r1"]
-    assert runs["mopd"] == ["upstream changed: mopd_r1"]
+    assert runs["mopd"] == ["upstream changed: mopd_r1", "upstream changed: rl_arith"]
     rc, rows = _cli(world, "run", "--set", "rl_arith.max_steps=2")
     assert rc == 0
     trained = {r["stage"] for r in rows if r["status"] == "trained"}
