@@ -1,4 +1,4 @@
-"""The demo's acceptance, end to end on the real recipe (slow: ~10 min on 2 cores; `make test-slow`).
+"""The demo's acceptance, end to end on the real recipe (slow: ~10 min; `make test-slow`).
 
 Runs recipes/mimo_tiny.yaml exactly as `make demo` does (fixed step counts, 500 held-out problems
 per domain) and checks what the demo claims: each specialist beats SFT on its own domain by
