@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DOMAINS = ["arith", "reverse", "sort", "shift"]
+DOMAINS = ["arith", "reverse", "sort", "max"]
 
 
 def _experimental_domains() -> None:
@@ -88,6 +88,7 @@ def stage_sft(a: argparse.Namespace) -> dict:
         lr_scheduler_type=a.sft_sched,
         seed=a.seed,
         eval_n=a.eval_n,
+        trainer=json.loads(a.sft_trainer),
     )
     ins = Inputs(init=_ref(a.out / "base", "base"), data={"train": _ref(a.out / "data", "data")})
     return sft.run(cfg, ins, a.out / "sft", _say)
@@ -104,6 +105,7 @@ def stage_rl_one(a: argparse.Namespace, domain: str) -> dict:
         per_device_train_batch_size=a.rl_batch,
         beta=0.0,
         max_completion_length=8,
+        temperature=a.rl_temp,
         domains=[domain],
         seed=a.seed,
         eval_n=a.eval_n,
@@ -181,9 +183,11 @@ def main() -> None:
     p.add_argument("--sft-warmup", type=int, default=50)
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-sched", default="linear")
+    p.add_argument("--sft-trainer", default="{}", help="JSON dict passed as sft trainer:")
     p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--rl-lr", type=float, default=2e-4)
     p.add_argument("--rl-g", type=int, default=8)
+    p.add_argument("--rl-temp", type=float, default=1.0)
     p.add_argument("--rl-batch", type=int, default=128)
     p.add_argument("--rl-trainer", default="{}", help="JSON dict passed as grpo trainer:")
     p.add_argument("--parallel", type=int, default=2)

@@ -2,16 +2,20 @@
 
 Each domain turns a `random.Random` into a (prompt, answer) pair of plain text (no chat markup):
 
-- ``arith``   ``"12+34="``        -> ``"46"``    (a+b, operands 0..99)
-- ``reverse`` ``"rev:abcde="``    -> ``"edcba"`` (4-6 letters a-z)
-- ``sort``    ``"sort:dbca="``    -> ``"abcd"``  (4-6 letters a-z)
-- ``count``   ``"count:k:xkqkvk="`` -> ``"3"``  (occurrences of a letter in 4-8 letters)
+- ``arith``   ``"12+34="``          -> ``"46"``    (a+b, operands 0..99)
+- ``reverse`` ``"rev:abcde="``      -> ``"edcba"`` (4-6 letters a-z)
+- ``sort``    ``"sort:dbca="``      -> ``"abcd"``  (4-6 letters a-z)
+- ``max``     ``"max:47,12,85="``   -> ``"85"``    (largest of three 2-digit numbers)
+- ``count``   ``"count:k:xkqkvk="`` -> ``"3"``     (occurrences, 1-5, of a letter in 4-8 letters)
 
-Departure from the usual ``count`` task (why): with letters drawn uniformly from a-z the answer is
-0 or 1 most of the time, the SFT model learns to answer the majority class, every GRPO group then
-gets identical rewards and RL has no signal (REFERENCE.md, calibration). Here the count k is drawn
-uniformly in 1..min(len, 5) first and the other letters never equal the target, so no answer
-dominates and the model has to count; its errors differ between samples, which GRPO needs.
+The demo's fourth domain is ``max``, not ``count`` (why, measured with bench/calibrate_stages.py):
+GRPO raises greedy accuracy only where the SFT model's wrong answers are near misses that it
+sometimes samples right. With letters uniform over a-z, ``count`` answers 0 or 1 nearly always and
+the SFT model learns the majority class (no GRPO signal, REFERENCE.md). Drawing the count uniformly
+(as here) removes the majority class, but the tiny model then estimates rather than counts
+(answers spread over k-1..k+1) and 150 GRPO steps sharpened the samples without moving greedy
+accuracy (49.0 -> 47.8). ``max`` errors are a wrong pick among the three numbers, which sampling
+explores: +11 points in the same budget. ``count`` stays available for recipes.
 
 Train / held-out split: a problem is held out iff ``sha256(prompt) % 10 == 0``, whatever the
 seed, so the two splits never share a prompt. Held-out draws are distinct problems (arith, the
@@ -69,10 +73,9 @@ def _gen_sort(rng: random.Random) -> tuple[str, str]:
     return f"sort:{s}=", "".join(sorted(s))
 
 
-def _gen_shift(rng: random.Random) -> tuple[str, str]:
-    s = _letters(rng, 4, 6)
-    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
-    return f"shift:{s}=", shifted
+def _gen_max(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.randint(10, 99) for _ in range(3)]
+    return "max:" + ",".join(map(str, xs)) + "=", str(max(xs))
 
 
 def _gen_count(rng: random.Random) -> tuple[str, str]:
@@ -91,7 +94,7 @@ DOMAINS: dict[str, Domain] = {
         Domain("arith", _gen_arith, _exact, "a+b with operands 0..99, e.g. '12+34=' -> '46'"),
         Domain("reverse", _gen_reverse, _exact, "reverse 4-6 letters, 'rev:abcd=' -> 'dcba'"),
         Domain("sort", _gen_sort, _exact, "sort 4-6 letters, 'sort:dbca=' -> 'abcd'"),
-        Domain("shift", _gen_shift, _exact, "each of 4-6 letters +1, 'shift:abz=' -> 'bca'"),
+        Domain("max", _gen_max, _exact, "max of three 2-digit numbers, 'max:47,12,85=' -> '85'"),
         Domain(
             "count",
             _gen_count,

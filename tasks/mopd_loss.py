@@ -21,12 +21,17 @@ Departures from the papers, on purpose:
   the teacher puts outside the student's top-k, which renormalisation would hide.
 - Losses are returned as sums over tokens plus token counts, not means, so the trainer can
   compute them one teacher route at a time and still divide by the whole batch's token count.
-- log p_old is recomputed by a full forward of the rollout-time student in exactly the layout
-  used for the teacher (verl's convention), not read from the sampler's incremental KV-cached
-  logits: then student == teacher gives A_t == 0 and KL == 0 bit for bit.
+- log p_old comes from a full forward of the rollout-time student on exactly the chunk the
+  teacher scores (verl recomputes it too), not from the sampler's incremental KV-cached logits:
+  then student == teacher gives A_t == 0, KL == 0 and zero gradient, bit for bit. With one
+  minibatch that forward is the differentiated one itself, so w_t == 1 and the gate only acts
+  when ``minibatches`` > 1 (or, later, when an inference engine samples).
+- The full / top-k KL terms use a detached log-ratio (`surrogate`): same value and analytic
+  gradient, but exact zeros where the autograd of the "+1" term would leave float noise.
 
 Also here, as pure functions of (model, tensors): `sample` (the student's KV-cached sampling
-loop) and `score` (each route's teacher and the rollout student on that route's rows).
+loop), `view` / `plan_chunks` (per-route, length-sorted row chunks with padding cut) and `score`
+(a chunk's teacher log-probs next to the student's).
 
 Run: ``python -m pytest tests/test_mopd.py -q``.
 """

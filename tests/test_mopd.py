@@ -177,6 +177,24 @@ def test_is_gate_drops_tokens_outside_the_band():
     assert per_token[0] == 0 and per_token[4] == 0 and bool((per_token[1:4] > 0).all())
 
 
+def test_outcome_reward_is_centered_and_pushes_the_better_sample_up():
+    orm = L.orm_advantage(torch.tensor([1.0, 0.0, 0.0, 1.0]), 0.5)
+    torch.testing.assert_close(orm, torch.tensor([0.25, -0.25, -0.25, 0.25]))
+    # Teacher == old policy (no distillation signal): only the outcome term moves the logits.
+    logits = torch.zeros(2, 3, 5, requires_grad=True)
+    tokens = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    old = torch.full((2, 3), math.log(1 / 5))
+    for estimator in L.ESTIMATORS:
+        logits.grad = None
+        teacher_full = torch.full((2, 3, 5), math.log(1 / 5))
+        loss, _ = L.mopd_loss(logits, tokens, torch.ones(2, 3), old, old, teacher_full,
+                              estimator=estimator, top_k=2, orm_adv=torch.tensor([0.5, -0.5]))
+        loss.backward()
+        picked = logits.grad.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        # gradient descent raises sample 0 (grad < 0) and lowers sample 1 (grad > 0)
+        assert bool((picked[0] < 0).all() and (picked[1] > 0).all()), estimator
+
+
 # ---- routing ----
 
 

@@ -31,6 +31,7 @@ stages:
     max_steps: 1
     prompts_per_route: 2
     eval_n: 4
+    seed: 1  # team A's mopd_r1 has seed 0: with it this stage *is* that artifact (reused)
 """
 
 TEAM_C = """
@@ -39,9 +40,9 @@ description: a team whose student comes from its own SFT, with team A's teachers
 vars:
   domains: [arith, reverse]
 stages:
-  data: {kind: data, domains: ${domains}, size: 64, seed: 3}
+  data: {kind: data, domains: "${domains}", size: 64, seed: 3}
   base: {kind: base, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32,
-         domains: ${domains}, eval_n: 4, seed: 7}
+         domains: "${domains}", eval_n: 4, seed: 7}
   sft: {kind: sft, from: base, data: data, max_steps: 2, per_device_train_batch_size: 8,
         warmup_steps: 0, eval_n: 4}
   arith_teacher: {use: spine_tiny:rl_arith}
