@@ -31,6 +31,9 @@ from typing import Any
 
 import fsspec
 
+# Where a local run keeps its store and its state (Prefect home, MLflow sqlite, run logs).
+DEFAULT_STORE = os.environ.get("POSTTRAIN_STORE", ".posttrain/store")
+DEFAULT_STATE = os.environ.get("POSTTRAIN_HOME", ".posttrain")
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
 MANIFEST = "manifest.json"

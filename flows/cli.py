@@ -16,11 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.refs import StageInputError
-from artifacts.store import RefError, Store
+from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
 from flows.recipe import RecipeError, parse
-
-DEFAULT_STORE = os.environ.get("POSTTRAIN_STORE", ".posttrain/store")
-DEFAULT_STATE = os.environ.get("POSTTRAIN_HOME", ".posttrain")
 
 
 class UsageError(ValueError):

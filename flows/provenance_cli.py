@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import lineage
-from artifacts.store import RefError, Store
+from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
 
 REF_HELP = ("a key, a unique key prefix (>= 8 hex), recipe:stage, or an MLflow model URI "
             "(models:/NAME@ALIAS, models:/NAME/VERSION)")
@@ -25,9 +25,9 @@ REF_HELP = ("a key, a unique key prefix (>= 8 hex), recipe:stage, or an MLflow m
 
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--store", default=".posttrain/store",
-                   help="store URI: a path, file://, s3://... (default: .posttrain/store)")
-    p.add_argument("--state-dir", default=".posttrain", type=Path,
+    p.add_argument("--store", default=DEFAULT_STORE,
+                   help="store URI: a path, file://, s3://... (default: %(default)s)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE, type=Path,
                    help="where mlflow.db and the pending MLflow queue live (default: .posttrain)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///<state-dir>/mlflow.db)")
