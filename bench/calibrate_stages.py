@@ -69,6 +69,15 @@ def stage_data(a: argparse.Namespace) -> dict:
     return data.run(cfg, Inputs(), a.out / "data", _say)
 
 
+def stage_rldata(a: argparse.Namespace) -> dict:
+    """A separate RL prompt set (equal mix), as the recipe's rl_data stage."""
+    from artifacts.refs import Inputs
+    from tasks import data
+
+    cfg = data.Config(domains=a.domains, size=a.rl_data_size, seed=a.rl_data_seed)
+    return data.run(cfg, Inputs(), a.out / "rl_data", _say)
+
+
 def stage_base(a: argparse.Namespace) -> dict:
     from artifacts.refs import Inputs
     from tasks import base
@@ -111,7 +120,8 @@ def stage_rl_one(a: argparse.Namespace, domain: str) -> dict:
         eval_n=a.eval_n,
         trainer=json.loads(a.rl_trainer),
     )
-    ins = Inputs(init=_ref(a.out / "sft", "sft"), data={"train": _ref(a.out / "data", "data")})
+    rl_data = a.out / "rl_data" if (a.out / "rl_data").exists() else a.out / "data"
+    ins = Inputs(init=_ref(a.out / "sft", "sft"), data={"train": _ref(rl_data, "data")})
     return grpo.run(cfg, ins, a.out / f"rl_{domain}{a.tag}", _say)
 
 
@@ -184,6 +194,8 @@ def main() -> None:
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--sft-sched", default="linear")
     p.add_argument("--sft-trainer", default="{}", help="JSON dict passed as sft trainer:")
+    p.add_argument("--rl-data-size", type=int, default=20_000)
+    p.add_argument("--rl-data-seed", type=int, default=1)
     p.add_argument("--rl-steps", type=int, default=150)
     p.add_argument("--rl-lr", type=float, default=2e-4)
     p.add_argument("--rl-g", type=int, default=8)
@@ -208,7 +220,13 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for stage in a.stages.split(","):
         t0 = time.perf_counter()
-        fn = {"data": stage_data, "base": stage_base, "sft": stage_sft, "rl": stage_rl}[stage]
+        fn = {
+            "data": stage_data,
+            "rldata": stage_rldata,
+            "base": stage_base,
+            "sft": stage_sft,
+            "rl": stage_rl,
+        }[stage]
         res = fn(a)
         if stage == "rl":
             results.setdefault("rl" + a.tag, {}).update(res)

@@ -17,6 +17,7 @@ from typing import Any
 
 from artifacts.refs import StageInputError
 from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
+from flows import provenance_cli
 from flows.recipe import RecipeError, parse
 
 
@@ -300,12 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
-    try:  # TEMP guard until the provenance commands land
-        from flows import provenance_cli
-
-        provenance_cli.register(sub)
-    except ImportError:
-        pass
+    provenance_cli.register(sub)
     return ap
 
 
