@@ -7,7 +7,10 @@ model and tokenizer as a plain HF directory. No checkpoints mid-run: the store k
 
 Departures from TRL defaults (why): fp32 and no gradient checkpointing (tiny model on CPU; TRL
 defaults to bf16 + checkpointing for large GPU models), logging every step (the curve is the
-`history` metric). Anything else TRL's SFTConfig accepts goes in `trainer: {...}`.
+`history` metric). Anything else TRL's SFTConfig accepts goes in `trainer: {...}`, e.g. the
+demo's schedule, which ends the decay at lr 5e-4 instead of 0: ``lr_scheduler_type: polynomial``
++ ``trainer: {lr_scheduler_kwargs: {lr_end: 5.0e-4, power: 1.0}}``. A checkpoint annealed to lr 0
+is knocked over by the first GRPO steps (bench/calibrate_stages.py has the measurements).
 
 Run: ``python -m tasks.sft INIT_DIR DATA_DIR OUT_DIR [max_steps]``.
 """

@@ -285,3 +285,20 @@ def test_grpo_refuses_a_filter_with_no_rows(tmp_path: Path) -> None:
             tmp_path,
             no_progress,
         )
+
+
+def test_grpo_reference_is_used_only_with_beta(tmp_path: Path) -> None:
+    from artifacts.refs import Inputs as In
+    from tasks import grpo
+
+    init = sf.tiny_base(tmp_path / "base")
+    other = sf.tiny_base(tmp_path / "ref", seed=1)
+    data_dir = sf.gen_data(tmp_path / "data", ["count"], size=16)
+    base_in = sf.stage_inputs(init, data_dir, "sft")
+    ins = In(init=base_in.init, data=base_in.data, reference=sf.ref(other, "sft", "ref"))
+    small = {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 4}
+    small |= {"max_completion_length": 1, "eval_n": 2}
+    with_kl = grpo.run(grpo.Config(**small, beta=0.1), ins, tmp_path / "a", no_progress)
+    assert "kl" in with_kl["history"][0] and "warnings" not in with_kl
+    no_kl = grpo.run(grpo.Config(**small), ins, tmp_path / "b", no_progress)
+    assert no_kl["warnings"] == ["a reference input was given but beta == 0: it is not used"]
