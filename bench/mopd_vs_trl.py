@@ -84,7 +84,7 @@ def bench_ours(args: argparse.Namespace, estimator: str) -> dict[str, float]:
     import torch
     from accelerate import Accelerator
 
-    from tasks import domains, mopd
+    from tasks import domains, mopd, mopd_trainer
 
     torch.manual_seed(args.seed)
     tok, student, teacher = _models(args)
@@ -92,7 +92,8 @@ def bench_ours(args: argparse.Namespace, estimator: str) -> dict[str, float]:
                       max_new_tokens=args.max_new_tokens, estimator=estimator, eval_n=0,
                       seed=args.seed)
     table = {d: "teacher" for d in domains.DOMAINS}  # one teacher, as in TRL
-    trainer = mopd.Trainer(cfg, Accelerator(cpu=True), student, {"teacher": teacher}, tok, table)
+    trainer = mopd_trainer.Trainer(cfg, Accelerator(cpu=True), student, {"teacher": teacher}, tok,
+                                   table)
     pool = _prompts(args.batch * args.steps, args.seed)
     tokens, seconds = 0, 0.0
     for step in range(args.steps):
@@ -110,31 +111,32 @@ def bench_shared(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from accelerate import Accelerator
 
-    from tasks import domains, mopd
-    from tasks import mopd_loss as L
+    from tasks import domains, mopd, mopd_trainer
+    from tasks import rollout as R
 
     torch.manual_seed(args.seed)
     tok, student, teacher = _models(args)
     cfg = mopd.Config(max_steps=args.steps, prompts_per_route=args.batch,
                       max_new_tokens=args.max_new_tokens, eval_n=0, seed=args.seed)
     table = {d: "teacher" for d in domains.DOMAINS}
-    trainer = mopd.Trainer(cfg, Accelerator(cpu=True), student, {"teacher": teacher}, tok, table)
+    trainer = mopd_trainer.Trainer(cfg, Accelerator(cpu=True), student, {"teacher": teacher}, tok,
+                                   table)
     pool = _prompts(args.batch * args.steps, args.seed)
     tokens, parts = 0, {"sample": 0.0, "student_fwd_bwd": 0.0, "teacher_fwd": 0.0}
     for step in range(args.steps):
         clock = time.perf_counter()
         batch = trainer.collect(pool[step * args.batch : (step + 1) * args.batch])
         spent = {"sample": time.perf_counter() - clock}
-        chunks = [L.view(batch["rollout"], idx) for _, idx in batch["chunks"]]
+        chunks = [R.view(batch["rollout"], idx) for _, idx in batch["chunks"]]
         clock = time.perf_counter()
         trainer.student.train()
         for chunk in chunks:
-            L.completion_logits(trainer.student, chunk).float().logsumexp(-1).sum().backward()
+            R.completion_logits(trainer.student, chunk).float().logsumexp(-1).sum().backward()
         spent["student_fwd_bwd"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with torch.no_grad():
             for chunk in chunks:
-                L.completion_logits(teacher, chunk)
+                R.completion_logits(teacher, chunk)
         spent["teacher_fwd"] = time.perf_counter() - clock
         trainer.opt.zero_grad(set_to_none=True)
         if step:  # step 1 is warm-up

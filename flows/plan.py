@@ -90,7 +90,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """["max_steps 100 -> 120", ...] between two configs.
 
     >>> config_changes({"a": 1, "t": {"x": 2}}, {"a": 1, "t": {"x": 3}, "b": True})
-    ['b (unset) -> True', 't.x 2 -> 3']
+    ['b (unset) -> true', 't.x 2 -> 3']
     """
     fo, fn = _flatten(old), _flatten(new)
     out = []

@@ -20,8 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 
 from artifacts.refs import ArtifactRef, Inputs, StageInputError  # noqa: E402
-from tasks import compat, models, mopd  # noqa: E402
+from tasks import compat, models, mopd, mopd_trainer  # noqa: E402
 from tasks import mopd_loss as L  # noqa: E402
+from tasks import rollout as R  # noqa: E402
 
 torch.set_num_threads(1)
 SIZE = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -40,7 +41,7 @@ def tiny(tok, seed: int = 0):
 def rollout_of(model, tok, prompts=PROMPTS, seed: int = 0, max_new_tokens: int = 6):
     enc = tok(prompts, return_tensors="pt", padding=True)
     gen = torch.Generator().manual_seed(seed)
-    return L.sample(model.eval(), enc["input_ids"], enc["attention_mask"], max_new_tokens, 1.0,
+    return R.sample(model.eval(), enc["input_ids"], enc["attention_mask"], max_new_tokens, 1.0,
                     tok.eos_token_id, tok.pad_token_id, gen)
 
 
@@ -84,13 +85,13 @@ def test_student_equal_teacher_gives_exact_zero(tok, estimator):
     teacher = copy.deepcopy(student).eval()
     ro = rollout_of(student, tok)
     groups = {"a": torch.arange(0, len(PROMPTS), 2), "b": torch.arange(1, len(PROMPTS), 2)}
-    chunks = L.plan_chunks(ro, groups, max_rows=4)
+    chunks = R.plan_chunks(ro, groups, max_rows=4)
     assert len(chunks) == 4
     student.train()
     for _, idx in chunks:
-        chunk = L.view(ro, idx)
-        logits = L.completion_logits(student, chunk)
-        sc = L.score(logits, teacher, chunk)
+        chunk = R.view(ro, idx)
+        logits = R.completion_logits(student, chunk)
+        sc = R.score(logits, teacher, chunk)
         assert torch.equal(sc.old_logp, sc.teacher_logp) and sc.kl_sum == 0.0
         assert torch.count_nonzero(L.advantages(sc.teacher_logp, sc.old_logp, chunk.mask)) == 0
         loss, stats = L.mopd_loss(logits, chunk.tokens, chunk.mask, sc.old_logp, sc.teacher_logp,
@@ -109,7 +110,7 @@ def test_student_equal_teacher_trainer_step_is_a_no_op(tok, minibatches):
     before = copy.deepcopy(student.state_dict())
     teachers = {"arith": copy.deepcopy(student), "reverse": copy.deepcopy(student)}
     cfg = mopd.Config(max_new_tokens=5, minibatches=minibatches, estimator="full_vocab")
-    trainer = mopd.Trainer(cfg, Accelerator(cpu=True), student, teachers, tok,
+    trainer = mopd_trainer.Trainer(cfg, Accelerator(cpu=True), student, teachers, tok,
                            {"arith": "arith", "reverse": "reverse"})
     rows = [{"prompt": "1+2=", "domain": "arith", "answer": "3"},
             {"prompt": "rev:abcd=", "domain": "reverse", "answer": "dcba"}] * 4
@@ -123,11 +124,11 @@ def test_view_trims_padding_but_keeps_logits(tok):
     model = tiny(tok).eval()
     ro = rollout_of(model, tok, ["1+2=", "count:k:xkqkvk="] * 2)
     idx = torch.tensor([0, 2])  # the two short prompts
-    chunk = L.view(ro, idx)
+    chunk = R.view(ro, idx)
     assert chunk.input_ids.shape[1] < ro.input_ids.shape[1]
     with torch.no_grad():
-        full = L.completion_logits(model, ro)[idx][:, : chunk.tokens.shape[1]]
-        trimmed = L.completion_logits(model, chunk)
+        full = R.completion_logits(model, ro)[idx][:, : chunk.tokens.shape[1]]
+        trimmed = R.completion_logits(model, chunk)
     valid = chunk.mask.bool()
     torch.testing.assert_close(trimmed[valid], full[valid], rtol=1e-4, atol=1e-5)
 
@@ -222,7 +223,7 @@ def test_routing_sends_each_sample_to_its_routes_teacher(tok):
     rows = [{"prompt": "1+2=", "domain": "arith", "answer": "3"},
             {"prompt": "rev:abcd=", "domain": "reverse", "answer": "dcba"}] * 3
     cfg = mopd.Config(max_new_tokens=5)
-    trainer = mopd.Trainer(cfg, Accelerator(cpu=True), tiny(tok), teachers, tok,
+    trainer = mopd_trainer.Trainer(cfg, Accelerator(cpu=True), tiny(tok), teachers, tok,
                            {"arith": "arith", "reverse": "reverse"})
     batch = trainer.collect(rows)
     expected = torch.tensor([-10.0, 10.0]).log_softmax(-1)  # [off-token, on-token] log-probs
@@ -230,7 +231,7 @@ def test_routing_sends_each_sample_to_its_routes_teacher(tok):
     for (route, idx), sc in zip(batch["chunks"], trainer.score(batch), strict=True):
         assert {rows[i]["domain"] for i in idx.tolist()} == {route}
         seen += idx.tolist()
-        chunk = L.view(batch["rollout"], idx)
+        chunk = R.view(batch["rollout"], idx)
         valid = chunk.mask.bool()
         assert (sc.teacher_logp_full[valid].argmax(-1) == tokens[route]).all()
         lp = torch.where(chunk.tokens == tokens[route], expected[1], expected[0])
