@@ -123,6 +123,7 @@ def test_dvc_dag_accepts_export(tmp_path: Path) -> None:
 
 
 def test_dvc_status_names_edited_stage_and_descendants(tmp_path: Path) -> None:
+    from flows.plan import plan
     from flows.recipe import parse
 
     repo = tmp_path / "repo"
@@ -141,10 +142,23 @@ def test_dvc_status_names_edited_stage_and_descendants(tmp_path: Path) -> None:
     (repo / "dvc.yaml").write_text(dvc_export.export(recipe, stages, "store", root=repo))
     assert dvc(repo, "commit", "-f", "-q").returncode == 0  # record dvc.lock without running
     assert "up to date" in dvc(repo, "status").stdout
+    built = {ps.key for ps in plan(parse(recipe), _Built(set()))}
     recipe.write_text(recipe.read_text().replace("max_steps: 2", "max_steps: 3"))  # sft only
     out = dvc(repo, "status").stdout
     flagged = {line[:-1] for line in out.splitlines() if line and not line[0].isspace()}
-    assert flagged == {"sft", "rl_arith", "rl_reverse", "mopd_r1", "mopd"}, out
+    reruns = {ps.name for ps in plan(parse(recipe), _Built(built)) if ps.status == "run"}
+    assert flagged == reruns, out  # DVC and `posttrain plan` agree on what the edit stales
+    assert reruns == {"sft", "rl_arith", "rl_reverse", "mopd_r1", "mopd"}
+
+
+class _Built:
+    """A store holding exactly `keys` (all `plan` asks of a store is `has`)."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self.keys = keys
+
+    def has(self, key: str) -> bool:
+        return key in self.keys
 
 
 def test_cli_export(tmp_path: Path) -> None:
