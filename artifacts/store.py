@@ -5,7 +5,7 @@ Layout under the store root (any fsspec URL: a local path, ``file://``, ``memory
     objects/<key>/...payload...        a plain HF model dir or a data set dir
     objects/<key>/manifest.json        written last; no manifest = no artifact
     refs/<recipe>/<stage>              text file holding a key (`recipe:stage` names)
-    tmp/<key>.<nonce>/                 staging (local stores: renamed into place)
+    tmp/<key>.<nonce>/                 staging (local stores: renamed or swapped into place)
     locks/<key>.lock                   one builder per key across processes (local stores)
 
 A directory without a manifest does not exist for anyone (`has`, `manifest`, `iter_manifests`,
@@ -18,11 +18,13 @@ Run: ``python -c "from artifacts.store import Store; print(Store('.posttrain/sto
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -199,34 +201,45 @@ class Store:
 
     def staging_dir(self, key: str) -> Path:
         """A fresh local directory to build `key`'s payload in (inside the store when local,
-        so publishing is a rename, not a copy)."""
+        so publishing is a rename, not a copy). Call it holding `lock(key)`."""
         base = Path(self._p("tmp")) if self.local else Path(tempfile.gettempdir()) / "posttrain-tmp"
         base.mkdir(parents=True, exist_ok=True)
+        # Builders of `key` hold `lock(key)`: a staging dir of that key left now is a dead one's.
+        for stale in base.glob(f"{key}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         d = base / f"{key}.{uuid.uuid4().hex[:8]}"
         d.mkdir()
         return d
 
     def publish(self, key: str, staged: Path, manifest: dict[str, Any],
                 before_manifest: Any = None) -> dict[str, Any]:
-        """Move the payload in place, then write manifest.json last. Returns the manifest.
+        """Make `staged` the artifact `key`: manifest.json written last. Returns the manifest.
 
-        An existing artifact under `key` (a forced rebuild) or a manifest-less leftover of a
-        killed run is replaced. `before_manifest` is a hook for fault-injection tests.
+        Local stores finish the artifact in staging (payload, then manifest) and then make it
+        visible in one step: a rename, or for a forced rebuild of an existing key an atomic
+        exchange with the old copy, so a rebuild killed at any point leaves the old artifact
+        whole. Remote stores upload the payload, then the manifest; there a rebuild removes the
+        old copy first. `before_manifest` is a hook for fault-injection tests.
         """
         manifest = dict(manifest, key=key, files=file_table(staged))
+        text = json.dumps(manifest, indent=2, sort_keys=True)
         dest = self.object_path(key)
         if self.local:
-            dest_p = Path(dest)
-            dest_p.parent.mkdir(parents=True, exist_ok=True)
-            if dest_p.exists():
-                # Hide the old manifest first so no reader sees a half-replaced artifact.
-                trash = Path(self._p("tmp")) / f"trash.{key}.{uuid.uuid4().hex[:8]}"
-                os.replace(dest_p, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(staged, dest_p)
             if before_manifest:
                 before_manifest()
-            _atomic_write(dest_p / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            _atomic_write(staged / MANIFEST, text)
+            dest_p = Path(dest)
+            dest_p.parent.mkdir(parents=True, exist_ok=True)
+            if (dest_p / MANIFEST).exists() and _exchange(staged, dest_p):
+                shutil.rmtree(staged, ignore_errors=True)  # now the old copy
+                return manifest
+            if dest_p.exists():  # a manifest-less leftover, or no atomic exchange here
+                trash = Path(self._p("tmp")) / f"trash.{key}.{uuid.uuid4().hex[:8]}"
+                os.replace(dest_p, trash)
+                os.replace(staged, dest_p)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(staged, dest_p)
         else:
             if self.fs.exists(dest):
                 self.fs.rm(dest, recursive=True)
@@ -234,8 +247,7 @@ class Store:
                 self.fs.put_file(str(staged / row["path"]), f"{dest}/{row['path']}")
             if before_manifest:
                 before_manifest()
-            self.fs.pipe(f"{dest}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True)
-                         .encode())
+            self.fs.pipe(f"{dest}/{MANIFEST}", text.encode())
             shutil.rmtree(staged, ignore_errors=True)
         return manifest
 
@@ -259,6 +271,24 @@ class Store:
             if self.fs.size(p) != row["size"] or h.hexdigest() != row["sha256"]:
                 problems.append(f"{row['path']}: content differs from the manifest")
         return problems
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem says no
+        return False
+    raise OSError(err, os.strerror(err), f"{a} <-> {b}")
 
 
 def _atomic_write(path: Path, text: str) -> None:

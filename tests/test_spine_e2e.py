@@ -80,15 +80,21 @@ def test_a_stage_killed_by_a_signal_fails_alone(world, monkeypatch):
 def test_kill_between_payload_and_manifest_leaves_nothing_visible(world, monkeypatch):
     store = Store(world["store"])
     key = store.resolve("spine_tiny:sft")
+    old = store.manifest(key)
     monkeypatch.setenv("POSTTRAIN_FAULT", "sft:kill-before-manifest")
+    # A forced rebuild killed after training, before its manifest: the old copy stays whole.
     rc, rows = _cli(world, "run", "--force", "sft")
     assert rc == 1 and _by_stage(rows)["sft"]["status"] == "failed"
-    assert (Path(store.object_path(key)) / "config.json").exists()  # the payload landed...
-    assert not store.has(key) and key not in store.keys()  # ...but is not an artifact
+    assert store.manifest(key) == old and store.verify(key) == []
+    # A stage built for the first time and killed there does not exist for anyone.
+    rc, rows = _cli(world, "run", "--set", "sft.max_steps=3")
+    by = _by_stage(rows)
+    assert rc == 1 and by["sft"]["status"] == "failed"
+    assert by["mopd"]["status"] == "failed" and "upstream" in by["mopd"]["error"]
     monkeypatch.delenv("POSTTRAIN_FAULT")
+    rc, plan = _cli(world, "plan", "--set", "sft.max_steps=3")
+    sft = _by_stage(plan)["sft"]
+    assert sft["status"] == "run" and not store.has(sft["key"])
+    assert not Path(store.object_path(sft["key"])).exists()  # no half-artifact either
     rc, plan = _cli(world, "plan")
-    assert _by_stage(plan)["sft"] == {**_by_stage(plan)["sft"], "status": "run",
-                                      "reasons": ["not in store"]}
-    rc, rows = _cli(world, "run")
-    assert rc == 0 and _by_stage(rows)["sft"]["status"] == "trained"
-    assert store.has(key)
+    assert rc == 0 and {p["status"] for p in plan} == {"fresh"}

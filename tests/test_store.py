@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 import uuid
@@ -78,13 +79,16 @@ def test_publish_writes_payload_then_manifest(store: Store) -> None:
     key = _key()
     seen: dict[str, object] = {}
 
-    def hook() -> None:  # runs after the payload is in place, before the manifest
+    def hook() -> None:  # runs after the payload is complete, before the manifest
         seen["files"] = _files(store, key)
         seen["has"] = store.has(key)
 
     m = _publish(store, key, {"config.json": b'{"a": 1}', "sub/w.bin": b"\0" * 10},
                  before_manifest=hook)
-    assert seen == {"files": {"config.json", "sub/w.bin"}, "has": False}
+    # Local stores finish the artifact in staging and rename it into place in one step;
+    # remote stores upload the payload first, invisible until the manifest lands.
+    landed = set() if store.local else {"config.json", "sub/w.bin"}
+    assert seen == {"files": landed, "has": False}
     assert store.has(key)
     assert _files(store, key) == {"config.json", "sub/w.bin", MANIFEST}
     assert store.manifest(key) == m
@@ -107,6 +111,14 @@ def test_staging_dirs_are_cleaned(store: Store) -> None:
     assert _staging_left(store) == []
     _publish(store, key)  # a forced republish leaves no trash behind either
     assert _staging_left(store) == []
+
+
+def test_staging_leftovers_of_a_killed_builder_go_with_the_next_build(store: Store) -> None:
+    key, other = _key(), _key()
+    dead = _stage(store, key, {"w.bin": b"x"})  # a builder SIGKILLed before its `finally`
+    busy = _stage(store, other, {"w.bin": b"y"})
+    fresh = store.staging_dir(key)  # the next builder of `key` (it holds lock(key))
+    assert not dead.exists() and fresh.exists() and busy.exists()
 
 
 def test_republish_replaces_the_old_artifact(store: Store) -> None:
@@ -189,30 +201,66 @@ def test_crash_between_payload_and_manifest_leaves_nothing_visible(store: Store)
     with pytest.raises(Killed):
         store.publish(key, staged, {"stage": "sft"}, before_manifest=crash)
     shutil.rmtree(staged, ignore_errors=True)  # what the stage runner's `finally` does
-    # the payload really is there; only its manifest is missing
-    assert _files(store, key) == {"model.safetensors", "config.json"}
+    # remote: the payload was uploaded and only its manifest is missing; local: nothing landed
+    assert _files(store, key) == (set() if store.local else {"model.safetensors", "config.json"})
     _assert_invisible(store, key)
     assert store.keys() == [] and list(store.iter_manifests()) == []
-    # the next build of that stage publishes normally over the leftover
+    # the next build of that stage publishes normally (over the leftover, if any)
     m = _publish(store, key, {"config.json": b"{}"})
     assert store.has(key) and store.manifest(key) == m
     assert _files(store, key) == {"config.json", MANIFEST}
     assert store.verify(key) == []
 
 
-def test_crash_during_republish_hides_the_old_artifact(store: Store) -> None:
-    """A forced rebuild that dies before its manifest must not leave the old manifest over a
-    new (or half-moved) payload."""
+def test_crash_during_republish(store: Store) -> None:
+    """A forced rebuild that dies before its manifest: a local store keeps the old artifact
+    whole (the new one is swapped in atomically, or not at all); a remote one has removed it
+    and must not show the old manifest over a new or half-uploaded payload."""
     key = _key()
-    _publish(store, key, {"old.bin": b"old"})
+    old = _publish(store, key, {"old.bin": b"old"})
 
     def crash() -> None:
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
         _publish(store, key, {"new.bin": b"new"}, before_manifest=crash)
-    assert not store.has(key)
-    assert MANIFEST not in _files(store, key)
+    if store.local:
+        assert store.manifest(key) == old and store.verify(key) == []
+        assert _files(store, key) == {"old.bin", MANIFEST}
+    else:
+        assert not store.has(key)
+        assert MANIFEST not in _files(store, key)
+
+
+def test_republish_swaps_atomically(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers of a key being rebuilt see the old or the new artifact, never neither."""
+    if not store.local:
+        pytest.skip("object stores have no rename")
+    from artifacts import store as store_mod
+
+    key = _key()
+    _publish(store, key, {"old.bin": b"old"})
+    seen: list[set[str]] = []
+    used: list[bool] = []
+    real_replace, real_exchange = os.replace, store_mod._exchange
+
+    def replace(src: object, dst: object) -> None:
+        real_replace(src, dst)
+        seen.append(_files(store, key))
+
+    def exchange(a: Path, b: Path) -> bool:
+        used.append(real_exchange(a, b))
+        seen.append(_files(store, key))
+        return used[-1]
+
+    monkeypatch.setattr(store_mod.os, "replace", replace)
+    monkeypatch.setattr(store_mod, "_exchange", exchange)
+    _publish(store, key, {"new.bin": b"new"})
+    assert _files(store, key) == {"new.bin", MANIFEST}
+    if used != [True]:
+        pytest.skip("no atomic exchange on this filesystem: the fallback renames twice")
+    assert seen[-1] == {"new.bin", MANIFEST}
+    assert all(s in ({"old.bin", MANIFEST}, {"new.bin", MANIFEST}) for s in seen), seen
 
 
 # -- refs and resolve --------------------------------------------------------------------------
