@@ -97,12 +97,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker, parent_run = _tracker(args, recipe.name, run_id, planned)
     ctx: dict[str, Any] = {
-        "run_id": run_id, "recipe": str(recipe.path), "store": store.uri, "sets": args.set,
+        "run_id": run_id, "recipe": str(Path(recipe.path).absolute()), "store": store.uri,
+        "sets": args.set, "runner": args.runner,
         "run_dir": str(run_dir), "state_dir": str(args.state_dir.absolute()),
         "tracking_uri": args.tracking_uri, "parent_run": parent_run,
         "tracking": "off" if tracker is None else "upload" if args.upload_weights else "on",
         "plan": {p.name: {"key": p.key, "status": p.status, "reasons": p.reasons,
                           "parents": p.spec.parents(), "cpus": p.spec.resources.cpus,
+                          "gpus": p.spec.resources.gpus,
                           "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
     }
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})

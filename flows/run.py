@@ -11,6 +11,7 @@ Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,17 +69,27 @@ def _child_error(log: Path, rc: int) -> str:
     return f"exit code {rc}: {tail[0]}"
 
 
+class _NoBoard:
+    """The board where the flow process is not (a Ray worker): the flow updates its own."""
+
+    def update(self, name: str, **fields: Any) -> None:
+        pass
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    rt = RUNTIME[ctx["run_id"]]
-    board: Board = rt["board"]
+    # In the flow's process (threads runner) the live board and CPU slots are here; in a Ray
+    # worker they are not, and Ray itself holds the stage's CPUs (remote_options at submit).
+    rt = RUNTIME.get(ctx["run_id"])
+    board: Any = rt["board"] if rt else _NoBoard()
     p = ctx["plan"][name]
     if p["status"] == "fresh":
         board.update(name, state="reused")
         return {"stage": name, "key": p["key"], "status": "reused", "seconds": 0.0}
-    slots: Slots = rt["slots"]
+    slots: Slots | None = rt["slots"] if rt else None
     cpus = p["cpus"]
-    slots.take(cpus)
+    if slots:
+        slots.take(cpus)
     try:
         run_dir = Path(ctx["run_dir"])
         log, progress = run_dir / f"{name}.log", run_dir / f"{name}.progress.jsonl"
@@ -108,7 +119,8 @@ def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
         board.update(name, state=result["status"], ended=time.time())
         return result
     finally:
-        slots.give(cpus, rt["slots_total"])
+        if slots and rt:
+            slots.give(cpus, rt["slots_total"])
 
 
 @flow(name="posttrain", persist_result=False, log_prints=False)
@@ -117,17 +129,23 @@ def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> Any:
     for name, p in ctx["plan"].items():
         task_ = stage_task.with_options(name=f"{recipe_name}:{name}", retries=p["retries"],
                                         task_run_name=name)
-        futures[name] = task_.submit(name, ctx, wait_for=[futures[x] for x in p["parents"]])
+        with _resources(ctx["runner"], p):
+            futures[name] = task_.submit(name, ctx, wait_for=[futures[x] for x in p["parents"]])
+    board: Board = RUNTIME[ctx["run_id"]]["board"]
     results, failures = [], []
     for name, fut in futures.items():
         fut.wait()
         state = fut.state
         if state.is_completed():
             results.append(fut.result())
+            if ctx["runner"] != "threads":  # the task ran elsewhere: mirror it on our board
+                board.update(name, state=results[-1]["status"], ended=time.time())
             continue
-        board: Board = RUNTIME[ctx["run_id"]]["board"]
         err = board.get(name).get("error")
+        if state.is_failed():
+            err = err or _stage_error(name, state)
         if state.is_failed() and err:
+            board.update(name, state="failed", error=err)
             failures.append(f"stage {name}: {err}")
         else:
             err = "not run: an upstream stage failed"
@@ -141,6 +159,24 @@ def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> Any:
         # without a Python traceback in the user's terminal.
         return Failed(message="; ".join(failures))
     return results
+
+
+def _resources(runner: str, p: dict[str, Any]) -> Any:
+    """Ray: reserve the stage's CPUs and GPUs for its task; threads: Slots do it in-process."""
+    if runner != "ray":
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_cpus=p["cpus"], num_gpus=p.get("gpus", 0))
+
+
+def _stage_error(name: str, state: Any) -> str | None:
+    """The stage's own message from a failed task state (its StageFailed, raised remotely)."""
+    exc = state.result(raise_on_failure=False)
+    text = str(exc) if isinstance(exc, BaseException) else (state.message or "")
+    prefix = f"stage {name}: "
+    text = text[text.index(prefix) + len(prefix):] if prefix in text else text
+    return text.strip() or None
 
 
 def _post_artifacts(ctx: dict[str, Any]) -> None:
