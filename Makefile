@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install -q -c constraints.txt -e '.[dev,ray]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import torch, prefect, mlflow, transformers, trl, flows.cli" && touch $(STAMP)
 
 demo: install

@@ -76,8 +76,8 @@ class _NoBoard:
         pass
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """One stage as a child process (the body of `stage_task`)."""
     # In the flow's process (threads runner) the live board and CPU slots are here; in a Ray
     # worker they are not, and Ray itself holds the stage's CPUs (remote_options at submit).
     rt = RUNTIME.get(ctx["run_id"])
@@ -123,8 +123,8 @@ def stage_task(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             slots.give(cpus, rt["slots_total"])
 
 
-@flow(name="posttrain", persist_result=False, log_prints=False)
-def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> Any:
+def wire(recipe_name: str, ctx: dict[str, Any]) -> Any:
+    """The flow's body: submit every stage after its parents, collect results and failures."""
     futures: dict[str, Any] = {}
     for name, p in ctx["plan"].items():
         task_ = stage_task.with_options(name=f"{recipe_name}:{name}", retries=p["retries"],
@@ -159,6 +159,13 @@ def recipe_flow(recipe_name: str, ctx: dict[str, Any]) -> Any:
         # without a Python traceback in the user's terminal.
         return Failed(message="; ".join(failures))
     return results
+
+
+# Plain module-level functions under the task and the flow: Ray pickles them by reference (a
+# decorated function's name would point at the Task / Flow object, forcing by-value pickling of
+# their globals, RUNTIME's locks included).
+stage_task = task(run_stage, cache_policy=NO_CACHE, persist_result=False)
+recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=False)
 
 
 def _resources(runner: str, p: dict[str, Any]) -> Any:
@@ -207,7 +214,11 @@ def execute(recipe_name: str, ctx: dict[str, Any], max_parallel: int, runner: st
     if runner == "ray":
         from prefect_ray import RayTaskRunner  # optional extra: pip install posttrain[ray]
 
-        task_runner: Any = RayTaskRunner()
+        # RAY_ADDRESS (or `ray start` on this node) joins a cluster; otherwise a local Ray
+        # instance is started for the run and stopped after it.
+        joins = bool(os.environ.get("RAY_ADDRESS"))
+        task_runner: Any = RayTaskRunner(init_kwargs={} if joins else {
+            "include_dashboard": False, "num_cpus": slots_total, "log_to_driver": False})
     else:
         task_runner = ThreadPoolTaskRunner(max_workers=max(len(ctx["plan"]), 1))
     f = recipe_flow.with_options(task_runner=task_runner, flow_run_name=ctx["run_id"])
