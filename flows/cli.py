@@ -80,6 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--max-parallel must be >= 1, e.g. --max-parallel 2")
     if args.runner not in ("threads", "ray"):
         raise UsageError(f"--runner {args.runner!r}: use threads or ray")
+    if args.runner == "ray":
+        try:
+            import prefect_ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--runner ray needs prefect-ray: pip install 'posttrain[ray]' "
+                             "(or run with --runner threads)") from None
     recipe = parse(args.recipe, args.set)
     store = Store(args.store)
     planned = plan(recipe, store, set(args.force), args.force_downstream,

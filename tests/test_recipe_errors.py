@@ -323,3 +323,22 @@ def test_console_script_shows_no_traceback(command: str, case_id: str, tmp_path:
     assert all(part in lines[0] for part in case.expect), lines[0]
     assert not store.exists() and not state.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--runner", "dask"], "--runner 'dask': use threads or ray"),
+    (["--runner", "ray"], "pip install 'posttrain[ray]'"),
+    (["--max-parallel", "0"], "--max-parallel must be >= 1"),
+])
+def test_bad_run_arguments_exit_2_before_anything_is_written(
+        argv: list[str], expect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, no_prefect: None) -> None:
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as where the ray extra is absent
+    recipe = tmp_path / "errs.yaml"
+    recipe.write_text(BASE)
+    store, state = tmp_path / "store", tmp_path / "state"
+    code = cli.main(["run", str(recipe), "--store", str(store), "--state-dir", str(state), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and expect in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not store.exists() and not state.exists()
