@@ -39,8 +39,9 @@ def canonical_json(obj: Any) -> str:
 
 
 def content_key(kind: str, config: dict[str, Any], inputs: dict[str, Any],
-                data: dict[str, str], code: str) -> str:
-    """The content key of one stage (64 hex).
+                data: dict[str, str], code: str, launch: dict[str, Any] | None = None) -> str:
+    """The content key of one stage (64 hex). `launch` (data-parallel processes, accelerate
+    config digest) counts where given: N ranks train on N times the batch.
 
     >>> k = content_key("sft", {"max_steps": 2}, {"init": "a" * 64}, {}, "c0de")
     >>> len(k), k == content_key("sft", {"max_steps": 2}, {"init": "a" * 64}, {}, "c0de")
@@ -50,6 +51,8 @@ def content_key(kind: str, config: dict[str, Any], inputs: dict[str, Any],
     """
     payload = {"v": KEY_VERSION, "kind": kind, "config": config, "inputs": inputs, "data": data,
                "code": code}
+    if launch:  # absent for single-process stages, so their keys predate `launch`
+        payload["launch"] = launch
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
@@ -133,6 +136,11 @@ def _dvc_md5(path: Path) -> str | None:
         if out.get("path") == path.name and out.get("md5"):
             return f"dvc-md5:{out['md5']}"
     return None
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of one small file's bytes (a launcher config: its content counts, not its path)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def data_digest(path: str | os.PathLike[str], cache_file: Path | None = None) -> str:

@@ -111,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "plan": {p.name: {"key": p.key, "status": p.status, "reasons": p.reasons,
                           "parents": p.spec.parents(), "cpus": p.spec.resources.cpus,
                           "gpus": p.spec.resources.gpus,
+                          "launch": {"processes": p.spec.launch.processes,
+                                     "accelerate": p.spec.launch.accelerate}
+                          if p.spec.launch.distributed else None,
                           "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
     }
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})
@@ -198,7 +201,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
                        run_id=args.run_id, expect_key=args.expect_key, pointer=args.pointer,
                        progress_file=args.progress_file, state_dir=args.state_dir,
                        tracking_uri=args.tracking_uri, parent_run=args.parent_run)
-    print(json.dumps(result))
+    if result["status"] != "follower":  # one result line per stage, from rank 0
+        print(json.dumps(result))
     return 0
 
 

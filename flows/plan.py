@@ -36,6 +36,7 @@ class PlannedStage:
     code_digest: str = ""
     code_files: dict[str, str] = field(default_factory=dict)
     data_digests: dict[str, str] = field(default_factory=dict)
+    launch: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -48,7 +49,8 @@ class PlannedStage:
     def lock_entry(self) -> dict[str, Any]:
         return {"key": self.key, "kind": self.spec.kind, "config": self.spec.config,
                 "inputs": self.input_keys, "parents": self.spec.inputs,
-                "code": self.code_files, "data": self.data_digests, "use": self.spec.use}
+                "code": self.code_files, "data": self.data_digests, "use": self.spec.use,
+                "launch": self.launch}
 
 
 def lock_path(recipe: Recipe) -> Path:
@@ -151,14 +153,25 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
         module = f"tasks.{spec.kind}"
         files = dict(keys.code_files(module))
         code = keys.code_digest(module)
-        key = keys.content_key(spec.kind, spec.config, input_keys, data_digests, code)
-        ps = PlannedStage(spec, key, "fresh", [], input_keys, code, files, data_digests)
+        launch = launch_key(spec)
+        key = keys.content_key(spec.kind, spec.config, input_keys, data_digests, code, launch)
+        ps = PlannedStage(spec, key, "fresh", [], input_keys, code, files, data_digests, launch)
         if name in force:
             ps.status, ps.reasons = "run", ["forced"]
         elif not store.has(key):
             ps.status, ps.reasons = "run", _reasons(ps, lock.get(name), out)
         out[name] = ps
     return list(out.values())
+
+
+def launch_key(spec: StageSpec) -> dict[str, Any] | None:
+    """What of `launch` enters the key: the rank count and the accelerate config's content."""
+    if not spec.launch.distributed:
+        return None
+    out: dict[str, Any] = {"processes": spec.launch.processes}
+    if spec.launch.accelerate:
+        out["accelerate"] = keys.file_digest(spec.launch.accelerate)
+    return out
 
 
 def _reasons(ps: PlannedStage, old: dict[str, Any] | None,
@@ -187,6 +200,9 @@ def _reasons(ps: PlannedStage, old: dict[str, Any] | None,
     for f in sorted(set(old_code) | set(ps.code_files)):
         if old_code.get(f) != ps.code_files.get(f):
             reasons.append(f"code changed: {f}")
+    single = {"processes": 1}
+    reasons += [f"launch changed: {c}" for c in config_changes(old.get("launch") or single,
+                                                               ps.launch or single)]
     old_data = old.get("data", {})
     for n in sorted(set(old_data) | set(ps.data_digests)):
         if old_data.get(n) != ps.data_digests.get(n):

@@ -6,7 +6,9 @@ stage has a `kind` (tasks/__init__.py), input roles (`from` = init, `teachers` {
 and stage-level fields: `foreach: <var>` (one stage per value; the name and every string in the
 stage may use `{<var minus trailing s>}` or `{item}`), `rounds: N` (N chained stages
 `<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previous one), `use: <ref>`
-(pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`.
+(pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`, and
+`launch` {processes, accelerate}: run the stage as N data-parallel processes (torchrun), or
+under `accelerate launch --config_file <accelerate>` (e.g. infra/deepspeed/zero2.yaml).
 A string that is exactly `${var}` is replaced by that var's value.
 
 Every user error raises RecipeError naming the file, the line and the YAML path, with a fix.
@@ -31,7 +33,7 @@ from pydantic import ValidationError
 import tasks
 
 STAGE_FIELDS = ("kind", "description", "from", "teachers", "data", "reference", "reward_model",
-                "foreach", "rounds", "use", "resources", "retries")
+                "foreach", "rounds", "use", "resources", "retries", "launch")
 TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SINGLE_ROLES = ("init", "reference", "reward_model")
@@ -55,6 +57,19 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """How the stage's process starts: `processes` data-parallel ranks, optionally under
+    `accelerate launch` with the config file `accelerate` (an absolute path)."""
+
+    processes: int = 1
+    accelerate: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes > 1 or self.accelerate is not None
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage after expansion: what to build and from which stages (by role)."""
 
@@ -66,6 +81,7 @@ class StageSpec:
     retries: int = 0
     use: str | None = None
     where: str = ""  # YAML path of the template it came from, for messages
+    launch: Launch = Launch()
 
     def parents(self) -> list[str]:
         out: list[str] = []
@@ -427,6 +443,34 @@ def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str
     return stages
 
 
+def _parse_launch(raw: Any, recipe_dir: Path, ctx: Any, where: tuple[str, ...]) -> Launch:
+    if raw is None:
+        return Launch()
+    shape = "launch is {processes: N, accelerate: path/to/accelerate_config.yaml}"
+    if not isinstance(raw, dict):
+        raise ctx.error(where + ("launch",), f"{shape}, got {raw!r}")
+    for k in raw:
+        if k not in ("processes", "accelerate"):
+            raise ctx.error(where + ("launch", str(k)), f"unknown launch field {k!r}"
+                            f"{closest(str(k), ('processes', 'accelerate'))}; {shape}")
+    n = raw.get("processes", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ctx.error(where + ("launch", "processes"), f"processes must be an integer >= 1, "
+                        f"got {n!r}")
+    cfg = raw.get("accelerate")
+    if cfg is None:
+        return Launch(n)
+    if not isinstance(cfg, str) or not cfg.strip():
+        raise ctx.error(where + ("launch", "accelerate"), "accelerate is the path of an "
+                        "accelerate config file, e.g. ../infra/deepspeed/zero2.yaml")
+    path = Path(cfg).expanduser()
+    path = path if path.is_absolute() else recipe_dir / path
+    if not path.is_file():
+        raise ctx.error(where + ("launch", "accelerate"), f"no accelerate config at {path} "
+                        "(paths are relative to the recipe file); fix the path")
+    return Launch(n, str(path.resolve()))
+
+
 def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, validate and expand a recipe file. Raises RecipeError on any user error."""
     doc, ctx = load_yaml(path)
@@ -514,8 +558,9 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ctx.error(where + ("retries",), f"retries must be an integer >= 0, got "
                             f"{retries!r}")
+        launch = _parse_launch(body.get("launch"), recipe_dir, ctx, where)
         specs[sname] = StageSpec(sname, kind, config, inputs, Resources(**res), retries,
-                                 where=".".join(where))
+                                 where=".".join(where), launch=launch)
 
     for s in specs.values():
         for p in s.parents():

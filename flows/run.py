@@ -93,7 +93,7 @@ def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     try:
         run_dir = Path(ctx["run_dir"])
         log, progress = run_dir / f"{name}.log", run_dir / f"{name}.progress.jsonl"
-        cmd = [sys.executable, "-m", "flows.cli", "stage", ctx["recipe"], name,
+        cmd = [*_launcher(p), "-m", "flows.cli", "stage", ctx["recipe"], name,
                "--store", ctx["store"], "--run-id", ctx["run_id"], "--expect-key", p["key"],
                "--progress-file", str(progress), "--state-dir", ctx["state_dir"]]
         for s in ctx["sets"]:
@@ -104,7 +104,8 @@ def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             cmd += ["--tracking-uri", ctx["tracking_uri"]]
         if ctx.get("parent_run"):
             cmd += ["--parent-run", ctx["parent_run"]]
-        threads = str(min(cpus, os.cpu_count() or 1))
+        ranks = p["launch"]["processes"] if p.get("launch") else 1
+        threads = str(max(1, min(cpus, os.cpu_count() or 1) // ranks))
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                    POSTTRAIN_TRACKING=ctx["tracking"])
@@ -115,7 +116,7 @@ def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             msg = _child_error(log, proc.returncode)
             board.update(name, state="failed", ended=time.time(), error=msg)
             raise StageFailed(f"stage {name}: {msg} (log: {log})")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = _result_line(proc.stdout, name)
         board.update(name, state=result["status"], ended=time.time())
         return result
     finally:
@@ -166,6 +167,28 @@ def wire(recipe_name: str, ctx: dict[str, Any]) -> Any:
 # their globals, RUNTIME's locks included).
 stage_task = task(run_stage, cache_policy=NO_CACHE, persist_result=False)
 recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=False)
+
+
+def _launcher(p: dict[str, Any]) -> list[str]:
+    """The command prefix that starts a stage: python, torchrun or accelerate launch."""
+    launch = p.get("launch")
+    if not launch:
+        return [sys.executable]
+    n = str(launch["processes"])
+    if launch["accelerate"]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                launch["accelerate"], "--num_processes", n]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n]
+
+
+def _result_line(stdout: str, name: str) -> dict[str, Any]:
+    """The stage's JSON result: the last stdout line that is one (launchers may print too)."""
+    for line in reversed(stdout.strip().splitlines()):
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and row.get("stage") == name:
+                return row
+    raise StageFailed(f"stage {name}: no result line on stdout: {stdout[-300:]!r}")
 
 
 def _resources(runner: str, p: dict[str, Any]) -> Any:

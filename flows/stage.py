@@ -100,6 +100,48 @@ def _sft_root(ps: PlannedStage, inputs: Inputs) -> str | None:
     return inputs.init.sft_root if inputs.init else None
 
 
+def ranks(ps: PlannedStage) -> tuple[int, int]:
+    """(rank, world size) of this process, checked against the stage's `launch.processes`."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = ps.spec.launch.processes
+    if world != want:
+        how = (f"torchrun --nproc_per_node {want} -m flows.cli stage ..." if want > 1
+               else "posttrain stage ... without a launcher")
+        raise StageInputError(
+            f"stage {ps.name!r} declares launch.processes {want} but runs as {world} process(es);"
+            f" start it with `posttrain run` (which launches it), or as {how}")
+    return rank, world
+
+
+def _world_size(world: int) -> int:
+    """The process group's size as the trainer formed it (else the launcher's WORLD_SIZE)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else world
+
+
+def _follow(ps: PlannedStage, store: Store, inputs: Inputs, force: bool,
+            t0: float) -> dict[str, Any]:
+    """A rank > 0 of a data-parallel stage: trains beside rank 0, keeps and publishes nothing
+    (rank 0 holds the key's lock, writes the artifact, the ref and the MLflow mirror)."""
+    import tempfile
+
+    from tasks import module_for
+
+    if store.has(ps.key) and not force:
+        return {"stage": ps.name, "key": ps.key, "status": "reused", "seconds": 0.0}
+    module = module_for(ps.spec.kind)
+    if module.PRODUCES == "model":
+        import torch
+
+        torch.set_num_threads(max(1, ps.spec.resources.cpus // ps.spec.launch.processes))
+    with tempfile.TemporaryDirectory(prefix=f"posttrain-{ps.name}-rank") as scratch:
+        module.run(module.Config(**ps.spec.config), inputs, Path(scratch))
+    return {"stage": ps.name, "key": ps.key, "status": "follower",
+            "seconds": round(time.time() - t0, 3)}
+
+
 def write_pointer(path: str | None, store: Store, ps: PlannedStage, recipe: str) -> None:
     """A small JSON file standing for the artifact (what DVC tracks instead of checkpoints)."""
     if path:
@@ -135,6 +177,10 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
         return {"stage": stage, "key": ps.key, "status": "reused", "seconds": 0.0}
     _fault(stage, "kill")
     inputs, edges = _inputs(ps, store, recipe_file)
+    # Check the launcher only where something will be built: a stored stage is reused anywhere.
+    rank, world = ranks(ps) if force or not store.has(ps.key) else (0, 1)
+    if rank > 0:
+        return _follow(ps, store, inputs, force, t0)
     with store.lock(ps.key):
         if store.has(ps.key) and not force:
             store.set_ref(recipe.name, stage, ps.key)
@@ -147,7 +193,7 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
         if module.PRODUCES == "model":
             import torch  # threads are per stage: set before any work
 
-            torch.set_num_threads(ps.spec.resources.cpus)
+            torch.set_num_threads(max(1, ps.spec.resources.cpus // world))
         config = module.Config(**ps.spec.config)
         staged = store.staging_dir(ps.key)
         try:
@@ -163,6 +209,9 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
                 code_files=ps.code_files, metrics=metrics, started=started, ended=ended,
                 sft_root=_sft_root(ps, inputs), warnings=warnings, run_id=run_id)
             man["key"] = ps.key
+            if ps.spec.launch.distributed:
+                man["launch"] = {"processes": _world_size(world),
+                                 "accelerate": ps.spec.launch.accelerate}
             man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri, staged)
             store.publish(ps.key, staged, man,
                           before_manifest=lambda: _fault(stage, "kill-before-manifest"))

@@ -232,6 +232,9 @@ def trainer_defaults(out_dir: Path) -> dict[str, Any]:
         "fp16": False,
         "gradient_checkpointing": False,
         "dataloader_num_workers": 0,
+        # Every weight of a causal LM gets a gradient: skip DDP's unused-parameter search
+        # (stages with `launch: {processes: N}`).
+        "ddp_find_unused_parameters": False,
     }
 
 

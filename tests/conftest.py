@@ -7,8 +7,10 @@ is shared by every test that runs a flow (`prefect_harness`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,20 @@ def spine(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> di
     assert rc == 0, err
     world["first_run"] = json.loads(out)
     return world
+
+
+@contextlib.contextmanager
+def spine_restored(spine: dict) -> Iterator[None]:
+    """Run a variant of the spine (--set, other launchers) and put its lock and refs back after,
+    so the spine tests that follow compare plans and refs against the default run."""
+    from artifacts.store import Store
+
+    lock = spine["recipe"].with_suffix(".lock")
+    before = lock.read_text()
+    try:
+        yield
+    finally:
+        lock.write_text(before)
+        store = Store(spine["store"])
+        for row in spine["first_run"]:
+            store.set_ref("spine_tiny", row["stage"], row["key"])

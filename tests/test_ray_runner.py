@@ -14,7 +14,7 @@ import json
 import pytest
 
 from artifacts.store import Store
-from tests.conftest import run_cli
+from tests.conftest import run_cli, spine_restored
 
 pytest.importorskip("prefect_ray")
 
@@ -25,15 +25,11 @@ def test_ray_runner_trains_stages_and_reports_a_killed_one(spine, monkeypatch):
     # Ray workers are other processes: point them at the test harness's Prefect server.
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     monkeypatch.setenv("POSTTRAIN_FAULT", "rl_reverse:kill")
-    lock = spine["recipe"].with_suffix(".lock")
-    before = lock.read_text()
-    try:
+    with spine_restored(spine):
         rc, out, err = run_cli(
             "run", str(spine["recipe"]), "--store", str(spine["store"]), "--state-dir",
             str(spine["state"]), "--json", "--no-tracking", "--runner", "ray",
             "--max-parallel", "2", "--set", "rl_arith.max_steps=3", "--force", "rl_reverse")
-    finally:
-        lock.write_text(before)  # other spine tests compare plans against the default run
     by = {r["stage"]: r for r in json.loads(out)}
     assert rc == 1, err[-2000:]
     assert {by[s]["status"] for s in ("data", "base", "sft")} == {"reused"}
