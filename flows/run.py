@@ -5,6 +5,8 @@ stage, one process"): the flow process stays light, a crash or OOM in one stage 
 down its siblings, and torch threads are set per stage from `resources.cpus`. A stage whose key
 is in the store is reused without starting a process. At most `max_parallel` stages run at
 once, and never more CPU threads than the machine has (unless --max-parallel asks for more).
+A stage with `launch: {processes: N}` starts under torchrun (or `accelerate launch` with its
+config file); with the Ray runner each task reserves its stage's CPUs and GPUs in Ray instead.
 
 Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 """

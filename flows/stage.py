@@ -4,7 +4,9 @@ This is the unit that every scheduler wraps: the Prefect flow launches it as a c
 per stage, a DVC stage calls it, a Kubernetes job or `accelerate launch` runs it on a cluster.
 It recomputes the stage's key from the recipe, resolves its inputs in the store (they must be
 there already), builds the payload in a staging directory, writes the manifest last, points
-`refs/<recipe>/<stage>` at the key and mirrors the stage to MLflow (never fatal).
+`refs/<recipe>/<stage>` at the key and mirrors the stage to MLflow (never fatal). Under a
+launcher (`launch: {processes: N}`), every rank trains; rank 0 alone locks, publishes and
+tracks, and the rank count must match the recipe's.
 
 Fault injection for tests (documented, inert unless set): POSTTRAIN_FAULT="<stage>:kill" kills
 the process with SIGKILL as the stage starts; "<stage>:kill-before-manifest" kills it after the
