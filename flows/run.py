@@ -89,7 +89,8 @@ def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
         board.update(name, state="reused")
         return {"stage": name, "key": p["key"], "status": "reused", "seconds": 0.0}
     slots: Slots | None = rt["slots"] if rt else None
-    cpus = p["cpus"]
+    ranks = p["launch"]["processes"] if p.get("launch") else 1
+    cpus = max(p["cpus"], ranks)  # one core per rank at least
     if slots:
         slots.take(cpus)
     try:
@@ -106,7 +107,6 @@ def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             cmd += ["--tracking-uri", ctx["tracking_uri"]]
         if ctx.get("parent_run"):
             cmd += ["--parent-run", ctx["parent_run"]]
-        ranks = p["launch"]["processes"] if p.get("launch") else 1
         threads = str(max(1, min(cpus, os.cpu_count() or 1) // ranks))
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
@@ -199,7 +199,8 @@ def _resources(runner: str, p: dict[str, Any]) -> Any:
         return contextlib.nullcontext()
     from prefect_ray.context import remote_options
 
-    return remote_options(num_cpus=p["cpus"], num_gpus=p.get("gpus", 0))
+    ranks = p["launch"]["processes"] if p.get("launch") else 1
+    return remote_options(num_cpus=max(p["cpus"], ranks), num_gpus=p.get("gpus", 0))
 
 
 def _stage_error(name: str, state: Any) -> str | None:
