@@ -78,7 +78,7 @@ class _NoBoard:
         pass
 
 
-def run_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def launch_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     """One stage as a child process (the body of `stage_task`)."""
     # In the flow's process (threads runner) the live board and CPU slots are here; in a Ray
     # worker they are not, and Ray itself holds the stage's CPUs (remote_options at submit).
@@ -167,7 +167,7 @@ def wire(recipe_name: str, ctx: dict[str, Any]) -> Any:
 # Plain module-level functions under the task and the flow: Ray pickles them by reference (a
 # decorated function's name would point at the Task / Flow object, forcing by-value pickling of
 # their globals, RUNTIME's locks included).
-stage_task = task(run_stage, cache_policy=NO_CACHE, persist_result=False)
+stage_task = task(launch_stage, cache_policy=NO_CACHE, persist_result=False)
 recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=False)
 
 
