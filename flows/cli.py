@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "plan": {p.name: {"key": p.key, "status": p.status, "reasons": p.reasons,
                           "parents": p.spec.parents(), "cpus": p.spec.resources.cpus,
                           "gpus": p.spec.resources.gpus,
-                          "launch": {"processes": p.spec.launch.processes,
-                                     "accelerate": p.spec.launch.accelerate}
-                          if p.spec.launch.distributed else None,
+                          "launch": asdict(p.spec.launch) if p.spec.launch.distributed
+                          else None,
                           "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
     }
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})

@@ -89,8 +89,7 @@ def launch_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
         board.update(name, state="reused")
         return {"stage": name, "key": p["key"], "status": "reused", "seconds": 0.0}
     slots: Slots | None = rt["slots"] if rt else None
-    ranks = p["launch"]["processes"] if p.get("launch") else 1
-    cpus = max(p["cpus"], ranks)  # one core per rank at least
+    cpus, ranks = _cores(p)
     if slots:
         slots.take(cpus)
     try:
@@ -171,6 +170,12 @@ stage_task = task(launch_stage, cache_policy=NO_CACHE, persist_result=False)
 recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=False)
 
 
+def _cores(p: dict[str, Any]) -> tuple[int, int]:
+    """(CPU cores to hold, ranks) for a planned stage: at least one core per rank."""
+    ranks = p["launch"]["processes"] if p.get("launch") else 1
+    return max(p["cpus"], ranks), ranks
+
+
 def _launcher(p: dict[str, Any]) -> list[str]:
     """The command prefix that starts a stage: python, torchrun or accelerate launch."""
     launch = p.get("launch")
@@ -199,8 +204,7 @@ def _resources(runner: str, p: dict[str, Any]) -> Any:
         return contextlib.nullcontext()
     from prefect_ray.context import remote_options
 
-    ranks = p["launch"]["processes"] if p.get("launch") else 1
-    return remote_options(num_cpus=max(p["cpus"], ranks), num_gpus=p.get("gpus", 0))
+    return remote_options(num_cpus=_cores(p)[0], num_gpus=p.get("gpus", 0))
 
 
 def _stage_error(name: str, state: Any) -> str | None:

@@ -116,28 +116,24 @@ def ranks(ps: PlannedStage) -> tuple[int, int]:
     return rank, world
 
 
-def _world_size(world: int) -> int:
-    """The process group's size as the trainer formed it (else the launcher's WORLD_SIZE)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else world
-
-
-def _follow(ps: PlannedStage, store: Store, inputs: Inputs, force: bool,
-            t0: float) -> dict[str, Any]:
-    """A rank > 0 of a data-parallel stage: trains beside rank 0, keeps and publishes nothing
-    (rank 0 holds the key's lock, writes the artifact, the ref and the MLflow mirror)."""
-    import tempfile
-
+def _module(ps: PlannedStage, world: int) -> Any:
+    """The stage's task module, with torch threads set per rank before any work."""
     from tasks import module_for
 
-    if store.has(ps.key) and not force:
-        return {"stage": ps.name, "key": ps.key, "status": "reused", "seconds": 0.0}
     module = module_for(ps.spec.kind)
     if module.PRODUCES == "model":
         import torch
 
-        torch.set_num_threads(max(1, ps.spec.resources.cpus // ps.spec.launch.processes))
+        torch.set_num_threads(max(1, ps.spec.resources.cpus // world))
+    return module
+
+
+def _follow(ps: PlannedStage, inputs: Inputs, world: int, t0: float) -> dict[str, Any]:
+    """A rank > 0 of a data-parallel stage: trains beside rank 0, keeps and publishes nothing
+    (rank 0 holds the key's lock, writes the artifact, the ref and the MLflow mirror)."""
+    import tempfile
+
+    module = _module(ps, world)
     with tempfile.TemporaryDirectory(prefix=f"posttrain-{ps.name}-rank") as scratch:
         module.run(module.Config(**ps.spec.config), inputs, Path(scratch))
     return {"stage": ps.name, "key": ps.key, "status": "follower",
@@ -181,21 +177,15 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
     inputs, edges = _inputs(ps, store, recipe_file)
     # Check the launcher only where something will be built: a stored stage is reused anywhere.
     rank, world = ranks(ps) if force or not store.has(ps.key) else (0, 1)
-    if rank > 0:
-        return _follow(ps, store, inputs, force, t0)
+    if rank > 0:  # (0, 1) above when the stage is stored: every rank reuses it below
+        return _follow(ps, inputs, world, t0)
     with store.lock(ps.key):
         if store.has(ps.key) and not force:
             store.set_ref(recipe.name, stage, ps.key)
             write_pointer(pointer, store, ps, recipe.name)
             return {"stage": stage, "key": ps.key, "status": "reused",
                     "seconds": round(time.time() - t0, 3)}
-        from tasks import module_for
-
-        module = module_for(ps.spec.kind)
-        if module.PRODUCES == "model":
-            import torch  # threads are per stage: set before any work
-
-            torch.set_num_threads(max(1, ps.spec.resources.cpus // world))
+        module = _module(ps, world)
         config = module.Config(**ps.spec.config)
         staged = store.staging_dir(ps.key)
         try:
@@ -212,8 +202,7 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
                 sft_root=_sft_root(ps, inputs), warnings=warnings, run_id=run_id)
             man["key"] = ps.key
             if ps.spec.launch.distributed:
-                man["launch"] = {"processes": _world_size(world),
-                                 "accelerate": ps.spec.launch.accelerate}
+                man["launch"] = {"processes": world, "accelerate": ps.spec.launch.accelerate}
             man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri, staged)
             store.publish(ps.key, staged, man,
                           before_manifest=lambda: _fault(stage, "kill-before-manifest"))
