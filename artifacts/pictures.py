@@ -16,8 +16,24 @@ import html
 from pathlib import Path
 from typing import Any
 
-KIND_COLORS = {"data": "#e8f1fb", "base": "#eeeeee", "sft": "#e6f4e6", "grpo": "#fff2d9",
-               "mopd": "#f3e6f7", "dpo": "#fde8e8", "distill": "#e6f7f5", "use": "#ffffff"}
+
+def kind_color(kind: str | None, produces: str | None) -> str:
+    """Fill colour of a node: datasets pale blue; each model kind a pastel hue derived from its
+    name, so a new kind gets a stable colour without a table here to edit.
+
+    >>> kind_color("data", "dataset"), kind_color("sft", "model") == kind_color("sft", "model")
+    ('#e8f1fb', True)
+    """
+    if produces == "dataset":
+        return "#e8f1fb"
+    if not kind:
+        return "#f5f5f5"
+    import colorsys
+    import hashlib
+
+    hue = int(hashlib.sha256(kind.encode()).hexdigest()[:4], 16) / 0xFFFF
+    r, g, b = colorsys.hls_to_rgb(hue, 0.92, 0.6)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
 
 
 def _label(n: dict[str, Any]) -> str:
@@ -189,7 +205,7 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
                       f'font-size="10">{text}</text>')
     for n in sub["nodes"]:
         x, y = pos[n["key"]]
-        fill = KIND_COLORS.get(n.get("kind") or "", "#f5f5f5")
+        fill = kind_color(n.get("kind"), n.get("produces"))
         stroke = 3 if n["key"] == sub.get("root") else 1
         ev = " ".join(f"{d} {v:.2f}" for d, v in _evals(n).items() if isinstance(v, int | float))
         svg.append(f'<g><title>{e(n["key"])}</title><rect x="{x}" y="{y}" width="{bw}" '

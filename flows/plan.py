@@ -1,7 +1,9 @@
 """Plan: content keys for every stage, "fresh" or "run", and why — without running anything.
 
 A stage is fresh when its key is in the store (and it is not forced). Reasons for "run" come
-from comparing with `recipes/NAME.lock`, the record of the last good run that users commit:
+from comparing with `recipes/NAME.lock`, the record of the last good run that users commit, or,
+where the lock has no entry for the stage (a fresh clone against a store built elsewhere), with
+the manifest of the store's ref `recipe:stage`:
 `new stage`, `config changed: max_steps 100 -> 120`, `upstream changed: sft`,
 `code changed: tasks/sft.py`, `data changed: train`, `forced`, `not in store`.
 
@@ -19,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tasks
 from artifacts import keys
 from artifacts.store import RefError, Store, atomic_write
+from artifacts.tracking_lookup import resolve_ref  # imports mlflow only for models:/ refs
 from flows.recipe import Recipe, RecipeError, StageSpec, closest
+from tasks import kind as kinds
+from tasks.kind import FIELD_OF_ROLE
 
 LOCK_FORMAT = 1
 
@@ -44,7 +50,8 @@ class PlannedStage:
 
     def as_json(self) -> dict[str, Any]:
         return {"stage": self.name, "kind": self.spec.kind, "key": self.key,
-                "status": self.status, "reasons": self.reasons}
+                "status": self.status, "reasons": self.reasons,
+                "warnings": list(self.spec.warnings)}
 
     def lock_entry(self) -> dict[str, Any]:
         return {"key": self.key, "kind": self.spec.kind, "config": self.spec.config,
@@ -79,6 +86,22 @@ def write_lock(recipe: Recipe, planned: list[PlannedStage], done: set[str]) -> N
     atomic_write(lock_path(recipe), json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def upstream(recipe: Recipe, targets: set[str]) -> Recipe:
+    """`recipe` cut down to `targets` and their ancestors, in the same (topological) order:
+    what `plan` needs to key those stages, and nothing unrelated (`posttrain stage` by hand).
+
+    A key depends on its ancestors only, so each kept stage plans exactly as in the whole recipe.
+    """
+    import dataclasses
+
+    keep = set(targets)
+    for name in reversed(list(recipe.stages)):  # children before their parents
+        if name in keep:
+            keep.update(recipe.stages[name].parents())
+    return dataclasses.replace(recipe, stages={n: s for n, s in recipe.stages.items()
+                                               if n in keep})
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -104,19 +127,6 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def resolve_use(ref: str, store: Store, tracking_uri: str | None = None,
-                state_dir: Path | None = None) -> str:
-    if ref.startswith("models:/"):
-        from artifacts import tracking  # imports mlflow: only for models:/ refs
-
-        key = tracking.resolve_model_uri(ref, tracking_uri, state_dir or Path(".posttrain"))
-        if not store.has(key):
-            raise RefError(f"{ref} points at key {key[:12]}, which is not in {store.uri} "
-                           "(pass the --store that holds it)")
-        return key
-    return store.resolve(ref)
-
-
 def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
          force_downstream: bool = False, state_dir: Path | None = None,
          tracking_uri: str | None = None) -> list[PlannedStage]:
@@ -138,7 +148,7 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
     for name, spec in recipe.stages.items():
         if spec.kind == "use":
             try:
-                key = resolve_use(spec.use or "", store, tracking_uri, state_dir)
+                key = resolve_ref(spec.use or "", store, tracking_uri, state_dir)
             except (RefError, LookupError) as e:
                 raise RecipeError(str(recipe.path), spec.where + ".use", str(e)) from None
             out[name] = PlannedStage(spec, key, "fresh", [f"pinned to {spec.use}"], {})
@@ -148,9 +158,12 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
             input_keys[role] = ({k: out[v].key for k, v in value.items()}
                                 if isinstance(value, dict) else out[value].key)
         data_digests: dict[str, str] = {}
-        if spec.kind == "data" and spec.config.get("path"):
-            data_digests["path"] = keys.data_digest(spec.config["path"], cache_file)
-        module = f"tasks.{spec.kind}"
+        kspec = kinds.spec(spec.kind)
+        _check_pinned_inputs(recipe, spec, kspec, out, store)
+        files_of = kspec.hooks.get("data_files")
+        for dname, dpath in (files_of(spec.config) if files_of else {}).items():
+            data_digests[dname] = keys.data_digest(dpath, cache_file)
+        module = tasks.KINDS[spec.kind]
         files = dict(keys.code_files(module))
         code = keys.code_digest(module)
         launch = launch_key(spec)
@@ -159,9 +172,27 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
         if name in force:
             ps.status, ps.reasons = "run", ["forced"]
         elif not store.has(key):
-            ps.status, ps.reasons = "run", _reasons(ps, lock.get(name), out)
+            ps.status, ps.reasons = "run", _reasons(ps, lock.get(name), out, store, recipe.name)
         out[name] = ps
     return list(out.values())
+
+
+def _check_pinned_inputs(recipe: Recipe, spec: StageSpec, kspec: kinds.KindSpec,
+                         planned: dict[str, PlannedStage], store: Store) -> None:
+    """The recipe loader checks edges between built stages; an edge from a `use:` pin is
+    checked here, once the pinned artifact's manifest says what it is."""
+    for role, decl in kspec.roles.items():
+        value = spec.inputs.get(role)
+        pairs = value.items() if isinstance(value, dict) else [(None, value)] if value else []
+        for sub, parent in pairs:
+            if planned[parent].spec.kind != "use":
+                continue
+            made = (store.manifest(planned[parent].key) or {}).get("produces")
+            if made and made != decl.accepts:
+                fld = FIELD_OF_ROLE[role]
+                raise RecipeError(str(recipe.path), f"{spec.where}.{fld}{'.' + sub if sub else ''}",
+                                  f"`{fld}` takes a {decl.accepts}, but {parent!r} is pinned to "
+                                  f"a {made} ({planned[parent].spec.use}); pin a {decl.accepts}")
 
 
 def launch_key(spec: StageSpec) -> dict[str, Any] | None:
@@ -174,8 +205,43 @@ def launch_key(spec: StageSpec) -> dict[str, Any] | None:
     return out
 
 
-def _reasons(ps: PlannedStage, old: dict[str, Any] | None,
-             planned: dict[str, PlannedStage]) -> list[str]:
+def manifest_lock_entry(manifest: dict[str, Any], ps: PlannedStage) -> dict[str, Any]:
+    """A stored manifest in the shape of a lock entry, so `_reasons` explains a change against
+    the store when the lock file has no entry (a fresh clone, or the lock was never committed).
+
+    The manifest's `launch` names the accelerate config by path, the key by content: with the
+    same path, the old content cannot be known, so the new digest stands in for it (a content
+    change then shows as "key changed" rather than a wrong "launch changed").
+    """
+    launch = manifest.get("launch")
+    old_launch: dict[str, Any] | None = None
+    if launch:
+        old_launch = {"processes": launch.get("processes", 1)}
+        acc = launch.get("accelerate")
+        if acc and ps.launch and acc == ps.spec.launch.accelerate:
+            old_launch["accelerate"] = ps.launch.get("accelerate")
+        elif acc:
+            old_launch["accelerate"] = acc
+    return {"key": manifest.get("key"), "kind": manifest.get("kind"),
+            "config": manifest.get("config") or {}, "inputs": manifest.get("inputs") or {},
+            "code": (manifest.get("code") or {}).get("files") or {},
+            "data": manifest.get("data_digests") or {}, "launch": old_launch}
+
+
+def _stored_entry(store: Store, recipe: str, ps: PlannedStage) -> dict[str, Any] | None:
+    """The lock-shaped entry of the artifact the store's ref `recipe:stage` names, or None."""
+    try:
+        key = store.resolve(f"{recipe}:{ps.name}")
+        manifest = store.manifest(key)
+    except (RefError, ValueError):  # no ref, a dangling ref, or an unreadable manifest
+        return None
+    return manifest_lock_entry(manifest, ps) if manifest else None
+
+
+def _reasons(ps: PlannedStage, old: dict[str, Any] | None, planned: dict[str, PlannedStage],
+             store: Store | None = None, recipe: str = "") -> list[str]:
+    if not old and store is not None:
+        old = _stored_entry(store, recipe, ps)
     if not old:
         return ["new stage"]
     if old.get("key") == ps.key:

@@ -3,13 +3,18 @@
 A recipe (YAML) has `name`, `description`, `vars`, `defaults` (per kind) and `stages`. Each
 stage has a `kind` (tasks/__init__.py), input roles (`from` = init, `teachers` {route: stage},
 `data` {name: stage} or one stage name, `reference`, `reward_model`), its kind's config fields,
-and stage-level fields: `foreach: <var>` (one stage per value; the name and every string in the
-stage may use `{<var minus trailing s>}` or `{item}`), `rounds: N` (N chained stages
-`<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previous one), `use: <ref>`
+and stage-level fields: `foreach: <var>` (one stage per value) or `foreach: [<var>, ...]` (one
+per combination: the product), where the name and every string in the stage may use, per var,
+`{<var>}`, its singular (`singular()`: domains -> `{domain}`, specialties -> `{specialty}`) and,
+for one var only, `{item}`; the name needs a placeholder of each var. `rounds: N` (N chained
+stages `<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previous one),
+`use: <ref>`
 (pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`, and
 `launch` {processes, accelerate}: run the stage as N data-parallel processes (torchrun), or
 under `accelerate launch --config_file <accelerate>` (e.g. infra/deepspeed/zero2.yaml).
-A string that is exactly `${var}` is replaced by that var's value.
+A string that is exactly `${var}` is replaced by that var's value. `--set NAME.path=value`
+names an expanded stage (a bare `rounds` name is its last round) or a foreach template as
+written (`rl_{domain}`: every copy).
 
 Every user error raises RecipeError naming the file, the line and the YAML path, with a fix.
 This module imports neither prefect nor torch: `posttrain plan` must answer in < 1 s.
@@ -20,9 +25,12 @@ Run: ``python -m flows.recipe recipes/mimo_tiny.yaml`` prints the expanded DAG.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import itertools
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +39,13 @@ import yaml
 from pydantic import ValidationError
 
 import tasks
+from tasks import kind as kinds
+from tasks.kind import FIELD_OF_ROLE, ROLE_OF_FIELD
 
 STAGE_FIELDS = ("kind", "description", "from", "teachers", "data", "reference", "reward_model",
                 "foreach", "rounds", "use", "resources", "retries", "launch")
 TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-SINGLE_ROLES = ("init", "reference", "reward_model")
-ROLE_OF_FIELD = {"from": "init", "reference": "reference", "reward_model": "reward_model",
-                 "teachers": "teachers", "data": "data"}
 
 
 class RecipeError(ValueError):
@@ -82,6 +89,7 @@ class StageSpec:
     use: str | None = None
     where: str = ""  # YAML path of the template it came from, for messages
     launch: Launch = Launch()
+    warnings: tuple[str, ...] = ()  # from the kind's plan-time checks (route_checks: warn)
 
     def parents(self) -> list[str]:
         out: list[str] = []
@@ -169,31 +177,65 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], _Ctx]:
 
 # -- parsing -------------------------------------------------------------------------------
 
-def _kind_module(kind: str, ctx: _Ctx, where: tuple[str, ...]) -> Any:
+def _kind_spec(kind: str, ctx: _Ctx, where: tuple[str, ...]) -> kinds.KindSpec:
     if not isinstance(kind, str) or kind not in tasks.KINDS:
         hint = closest(str(kind), tuple(tasks.KINDS))
         raise ctx.error(where + ("kind",), f"unknown kind {kind!r}{hint}; "
                         f"known kinds: {', '.join(tasks.KINDS)}")
-    return tasks.module_for(kind)
+    return kinds.spec(kind)
 
 
-def _placeholders(var: str) -> list[str]:
-    names = ["{item}", "{" + var + "}"]
-    if var.endswith("s") and len(var) > 1:
-        names.append("{" + var[:-1] + "}")
-    return names
+def singular(var: str) -> str | None:
+    """The singular of a plural var name, for its `{placeholder}`; None when there is none.
+
+    Small and predictable rather than complete English: `{<var>}` always works as well, so an
+    odd plural never blocks a recipe.
+
+    >>> [singular(v) for v in ("domains", "specialties", "boxes", "classes", "batches")]
+    ['domain', 'specialty', 'box', 'class', 'batch']
+    >>> [singular(v) for v in ("seeds", "sizes", "seed", "class", "corpus", "s", "ies")]
+    ['seed', 'size', None, None, None, None, None]
+    """
+    if not var.endswith("s") or var.endswith(("ss", "us", "is")):
+        return None  # not a plural (seed, class, corpus, analysis)
+    for plural, one in (("ies", "y"), ("sses", "ss"), ("xes", "x"), ("ches", "ch"),
+                        ("shes", "sh")):
+        if var.endswith(plural):
+            stem = var[:-len(plural)]
+            return stem + one if stem else None
+    return var[:-1] or None
 
 
-def _subst(obj: Any, marks: list[str], value: Any) -> Any:
-    if isinstance(obj, str):
-        for m in marks:
-            obj = obj.replace(m, str(value))
+def _placeholders(var: str, item: bool = True) -> list[str]:
+    """The marks that stand for one value of `var`: `{<var>}`, its singular (domains ->
+    `{domain}`) and, unless `item` is False (a foreach over several vars), `{item}`."""
+    names = ["{" + var + "}"]
+    one = singular(var)
+    if one is not None:
+        names.append("{" + one + "}")
+    return list(dict.fromkeys((["{item}"] + names) if item else names))  # var `items`: once
+
+
+def _subst(obj: Any, marks: list[str] | dict[str, Any], value: Any = None) -> Any:
+    """Replace placeholders in every string (keys included) of `obj`: each of `marks` by
+    `value`, or, when `marks` is a {mark: value} mapping (a foreach over several vars), each
+    mark by its own value. One pass, so a value is never itself substituted again."""
+    table = {m: str(v) for m, v in marks.items()} if isinstance(marks, dict) \
+        else {m: str(value) for m in marks}
+    if not table:
         return obj
-    if isinstance(obj, dict):
-        return {_subst(k, marks, value): _subst(v, marks, value) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_subst(v, marks, value) for v in obj]
-    return obj
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(table, key=len, reverse=True)))
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return pattern.sub(lambda hit: table[hit.group(0)], x)
+        if isinstance(x, dict):
+            return {walk(k): walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(obj)
 
 
 def _vars_in(obj: Any, vars_: dict[str, list[Any]], ctx: _Ctx, where: tuple[str, ...]) -> Any:
@@ -220,6 +262,47 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _foreach(tname: str, body: dict[str, Any], vars_: dict[str, list[Any]], ctx: _Ctx,
+             where: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """[(name, body)] for `foreach: var` (one per value) or `foreach: [var, ...]` (one per
+    combination: the product, first var outermost), every placeholder filled by its own var."""
+    raw = body["foreach"]
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ctx.error(where + ("foreach",), f"foreach names a var, or a list of vars for their "
+                        f"product (e.g. foreach: [domains, seeds]), got {raw!r}")
+    for i, var in enumerate(names):
+        if var not in vars_:
+            at = ("foreach",) if isinstance(raw, str) else ("foreach", str(i))
+            raise ctx.error(where + at, f"foreach over missing var {var!r}"
+                            f"{closest(var, tuple(vars_))}; declared vars: "
+                            f"{', '.join(vars_) or 'none'}")
+        if var in names[:i]:
+            raise ctx.error(where + ("foreach", str(i)), f"foreach names var {var!r} twice")
+    marks = {var: _placeholders(var, item=len(names) == 1) for var in names}
+    owner: dict[str, str] = {}
+    for var, ms in marks.items():
+        for m in ms:
+            if m in owner:  # e.g. vars `domain` and `domains` both give {domain}
+                raise ctx.error(where + ("foreach",), f"placeholder {m} stands for both "
+                                f"{owner[m]!r} and {var!r}; rename one of the vars")
+            owner[m] = var
+    if len(names) > 1 and "{item}" in tname:
+        raise ctx.error(where, "{item} is only for a foreach over one var; name each value by "
+                        f"its var: {', '.join(ms[-1] for ms in marks.values())}")
+    for var, ms in marks.items():
+        if not any(m in tname for m in ms):
+            need = "one of " + ", ".join(ms) if len(ms) > 1 else ms[0]
+            raise ctx.error(where, f"a foreach stage's name must contain {need} (for var "
+                            f"{var!r}) so that every copy gets its own name")
+    rest = {k: v for k, v in body.items() if k != "foreach"}
+    items: list[tuple[str, dict[str, Any]]] = []
+    for combo in itertools.product(*(vars_[var] for var in names)):
+        table = {m: value for var, value in zip(names, combo, strict=True) for m in marks[var]}
+        items.append((_subst(tname, table), _subst(rest, table)))
+    return items
+
+
 def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[str, Any], tuple]]:
     """[(stage name, raw body, yaml path of its template)] after foreach and rounds."""
     vars_ = doc["vars"]
@@ -237,18 +320,12 @@ def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[st
         body = _vars_in(body, vars_, ctx, where)
         items: list[tuple[str, dict[str, Any]]] = [(tname, body)]
         if "foreach" in body:
-            var = body["foreach"]
-            if not isinstance(var, str) or var not in vars_:
-                raise ctx.error(where + ("foreach",), f"foreach over missing var {var!r}"
-                                f"{closest(str(var), tuple(vars_))}; declared vars: "
-                                f"{', '.join(vars_) or 'none'}")
-            marks = _placeholders(var)
-            if not any(m in tname for m in marks):
-                raise ctx.error(where, f"a foreach stage's name must contain one of "
-                                f"{', '.join(marks)} so that every copy gets its own name")
-            items = [(_subst(tname, marks, v), {k: _subst(x, marks, v) for k, x in body.items()
-                                                if k != "foreach"}) for v in vars_[var]]
+            items = _foreach(tname, body, vars_, ctx, where)
         for name, b in items:
+            if ("{" in name or "}" in name) and "foreach" in body:
+                raise ctx.error(where, f"stage name {name!r} keeps a placeholder that "
+                                f"`foreach: {body['foreach']}` does not fill; placeholders are "
+                                "{<var>} or its singular, for the vars foreach names")
             if "{" in name or "}" in name:
                 raise ctx.error(where, f"stage name {name!r} has a placeholder but no `foreach:`")
             rounds = b.get("rounds", 1)
@@ -271,23 +348,30 @@ def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[st
     return out
 
 
-def _parse_inputs(name: str, body: dict[str, Any], vars_: dict[str, list[Any]], ctx: _Ctx,
+def _parse_inputs(name: str, kind: str, roles: Mapping[str, kinds.Role], body: dict[str, Any],
+                  vars_: dict[str, list[Any]], ctx: _Ctx,
                   where: tuple[str, ...]) -> dict[str, Any]:
+    """role -> stage | {name: stage}, shaped and named as the kind's ROLES declare."""
     inputs: dict[str, Any] = {}
+    accepted = ", ".join(f"`{FIELD_OF_ROLE[r]}`" for r in roles) or "no inputs"
     for fld, role in ROLE_OF_FIELD.items():
         if fld not in body:
             continue
-        value = body[fld]
-        if role in SINGLE_ROLES:
+        value, decl = body[fld], roles.get(role)
+        if decl is None:
+            raise ctx.error(where + (fld,), f"kind {kind} takes no `{fld}` input (it accepts "
+                            f"{accepted})")
+        if not decl.many:
             if not isinstance(value, str):
                 raise ctx.error(where + (fld,), f"`{fld}` names one stage, got {value!r}")
             inputs[role] = value
             continue
-        if role == "data" and isinstance(value, str):
-            value = {"train": value}
+        if isinstance(value, str) and decl.names and len(decl.names) == 1:
+            value = {decl.names[0]: value}
         if not isinstance(value, dict) or not value or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ctx.error(where + (fld,), f"`{fld}` is a mapping {{name: stage}}, got {value!r}")
+            raise ctx.error(where + (fld,), f"`{fld}` is a mapping {{name: stage}} (write "
+                            f"{decl.shape(fld)}), got {value!r}")
         expanded: dict[str, str] = {}
         for k, v in value.items():
             var = next((n for n in vars_ if any(m in k for m in _placeholders(n))), None)
@@ -297,27 +381,39 @@ def _parse_inputs(name: str, body: dict[str, Any], vars_: dict[str, list[Any]], 
                 for item in vars_[var]:
                     marks = _placeholders(var)
                     expanded[_subst(k, marks, item)] = _subst(v, marks, item)
+        if decl.names is not None:
+            for k in expanded:
+                if k not in decl.names:
+                    raise ctx.error(where + (fld, k), f"kind {kind} reads `{fld}` named "
+                                    f"{', '.join(decl.names)} only: {k!r} would be ignored "
+                                    f"(yet change the key); write {decl.shape(fld)}")
+            missing = [n for n in decl.names if n not in expanded]
+            if missing:
+                raise ctx.error(where + (fld,), f"kind {kind} needs `{fld}` named "
+                                f"{', '.join(missing)}; write {decl.shape(fld)}")
         inputs[role] = expanded
+    for role, decl in roles.items():
+        if decl.required and role not in inputs:
+            raise ctx.error(where, f"stage {name!r} (kind {kind}) needs `{FIELD_OF_ROLE[role]}:` "
+                            f"({decl.description or decl.accepts})")
     return inputs
 
 
-def _validate_config(kind: str, module: Any, cfg: dict[str, Any], ctx: _Ctx,
+def _validate_config(spec: kinds.KindSpec, cfg: dict[str, Any], ctx: _Ctx,
                      where: tuple[str, ...], recipe_dir: Path,
                      set_by: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
-    fields = tuple(module.Config.model_fields)
+    fields = tuple(spec.config.model_fields)
     for key in cfg:
         if key not in fields:
-            raise ctx.error(where + (str(key),), f"unknown field {key!r} for kind {kind}"
+            raise ctx.error(where + (str(key),), f"unknown field {key!r} for kind {spec.name}"
                             f"{closest(str(key), fields + STAGE_FIELDS)}")
-    if kind == "data" and isinstance(cfg.get("path"), str):
-        p = Path(cfg["path"])
-        p = p if p.is_absolute() else (recipe_dir / p)
-        if not p.is_file():
-            raise ctx.error(where + ("path",), f"data file {str(p)!r} does not exist (relative "
-                            "paths are read from the recipe's folder)")
-        cfg = dict(cfg, path=str(p.resolve()))
+    if "prepare" in spec.hooks:  # e.g. a data file's path, relative to the recipe
+        try:
+            cfg = spec.hooks["prepare"](cfg, recipe_dir)
+        except kinds.KindCheckError as e:
+            raise ctx.error(where + e.where, e.message) from None
     try:
-        return module.Config(**cfg).model_dump(mode="json")
+        return spec.config(**cfg).model_dump(mode="json")
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(str(x) for x in err["loc"])
@@ -329,18 +425,48 @@ def _validate_config(kind: str, module: Any, cfg: dict[str, Any], ctx: _Ctx,
         raise ctx.error(where + loc, f"{msg}{got_s}{from_s}") from None
 
 
-def _check_roles(name: str, kind: str, module: Any, inputs: dict[str, Any], ctx: _Ctx,
-                 where: tuple[str, ...]) -> None:
-    roles: dict[str, str] = module.ROLES
-    field_of = {v: k for k, v in ROLE_OF_FIELD.items()}
-    for role in inputs:
-        if role not in roles:
-            accepted = ", ".join(f"`{field_of[r]}`" for r in roles) or "no inputs"
-            raise ctx.error(where + (field_of[role],), f"kind {kind} takes no `{field_of[role]}` "
-                            f"input (it accepts {accepted})")
-    for role, need in roles.items():
-        if need == "required" and role not in inputs:
-            raise ctx.error(where, f"stage {name!r} (kind {kind}) needs `{field_of[role]}:`")
+def _nodes(specs: Mapping[str, StageSpec]) -> dict[str, kinds.Node]:
+    return {n: kinds.Node(n, None if s.kind == "use" else s.kind, s.config, s.inputs,
+                          _path(s)) for n, s in specs.items()}
+
+
+def _check_edges(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
+    """Every edge against the kind contract: the parent produces the artifact type the role
+    accepts and the dataset columns it reads; then each kind's own `check` hook (route
+    coverage, idle teachers, ...). Returns the specs with the hooks' warnings attached.
+    A `use:` parent is checked by plan, once its manifest is read."""
+    nodes = _nodes(specs)
+    out: dict[str, StageSpec] = {}
+    for s in specs.values():
+        if s.kind == "use":
+            out[s.name] = s
+            continue
+        spec = kinds.spec(s.kind)
+        for role, decl in spec.roles.items():
+            for sub, parent in nodes[s.name].parents(role).items():
+                p = specs[parent]
+                at = _path(s) + (FIELD_OF_ROLE[role],) + ((sub,) if sub else ())
+                if p.kind == "use":
+                    continue
+                made = kinds.spec(p.kind).produces
+                if made != decl.accepts:
+                    raise ctx.error(at, f"`{FIELD_OF_ROLE[role]}` takes a {decl.accepts}, but "
+                                    f"stage {parent!r} (kind {p.kind}) produces a {made}; name "
+                                    f"a {decl.accepts} stage here")
+                cols = kinds.columns_of(nodes[parent]) if decl.columns else None
+                lack = sorted(set(decl.columns) - cols) if cols is not None else []
+                if lack:
+                    raise ctx.error(at, f"kind {s.kind} reads {', '.join(decl.columns)} from "
+                                    f"every row, but the rows of stage {parent!r} lack "
+                                    f"{', '.join(lack)}; add the column(s) to its data")
+        warnings: list[str] = []
+        if "check" in spec.hooks:
+            try:
+                warnings = list(spec.hooks["check"](nodes[s.name], nodes) or [])
+            except kinds.KindCheckError as e:
+                raise ctx.error(_path(s) + e.where, e.message) from None
+        out[s.name] = dataclasses.replace(s, warnings=tuple(warnings)) if warnings else s
+    return out
 
 
 def _path(spec: StageSpec) -> tuple[str, ...]:
@@ -373,36 +499,35 @@ def _toposort(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
     return {n: specs[n] for n in order}
 
 
-def _check_routes(recipe: dict[str, StageSpec], ctx: _Ctx) -> None:
-    """Teachers must cover the routing key's values when unmapped routes are an error."""
-    for s in recipe.values():
-        teachers = s.inputs.get("teachers")
-        if not teachers or "unmapped" not in s.config:
-            continue
-        unmapped = s.config.get("unmapped", "error")
-        if isinstance(unmapped, str) and unmapped.startswith("default:"):
-            if unmapped[8:] not in teachers:
-                raise ctx.error(_path(s) + ("unmapped",), f"default route "
-                                f"{unmapped[8:]!r} is not a teacher route "
-                                f"({', '.join(teachers)})")
-            continue
-        if s.config.get("route_key", "domain") != "domain":
-            continue
-        values: set[str] = set()
-        for dname in (s.inputs.get("data") or {}).values():
-            d = recipe.get(dname)
-            if d is not None and d.kind == "data" and d.config.get("domains"):
-                values.update(d.config["domains"])
-        missing = sorted(values - set(teachers))
-        if missing:
-            raise ctx.error(_path(s) + ("teachers",), f"no teacher for route(s) "
-                            f"{', '.join(missing)} of the routing key 'domain' in its data; add "
-                            f"them to teachers, or set unmapped: default:<route>")
+
+
+
+def _set_targets(stages: list[tuple[str, dict[str, Any], tuple]]) -> dict[str, list[str]]:
+    """The stages a --set NAME reaches. A stage name: that stage (under `rounds`, the bare
+    name is the last round and `NAME_rK` round K). A foreach template as written
+    (`rl_{domain}`): the same as one --set per value, i.e. every copy's stage of that name."""
+    names = {n for n, _, _ in stages}
+    targets: dict[str, list[str]] = {n: [n] for n in names}
+    for i, (name, _, where) in enumerate(stages):
+        tname = str(where[-1])
+        if tname in names:
+            continue  # no foreach: the template's name is its (last round's) stage name
+        nxt = stages[i + 1] if i + 1 < len(stages) else None
+        m = re.fullmatch(r"(.+)_r(\d+)", name)
+        if m and nxt and nxt[2] == where and nxt[1].get("from") == name \
+                and nxt[0] in (m.group(1), f"{m.group(1)}_r{int(m.group(2)) + 1}"):
+            continue  # an earlier round of one copy: `rounds` chains it into the next
+        targets.setdefault(tname, []).append(name)
+    return targets
 
 
 def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str, ...],
                 file: str) -> list[tuple[str, dict[str, Any], tuple]]:
+    """Apply each `--set NAME.dotted.path=value` (value read as YAML) to the expanded bodies;
+    NAME is a stage or a foreach template (_set_targets), its longest prefix that names one."""
     by_name = {n: b for n, b, _ in stages}
+    targets = _set_targets(stages)
+    templates = [t for t in targets if t not in by_name]
     for item in sets:
         if "=" not in item:
             raise RecipeError(file, f"--set {item}", "expected stage.path=value, e.g. "
@@ -412,34 +537,40 @@ def _apply_sets(stages: list[tuple[str, dict[str, Any], tuple]], sets: tuple[str
         if len(parts) < 2 or not all(parts):
             raise RecipeError(file, f"--set {path}", "expected stage.path=value with a field "
                               "after the stage, e.g. --set rl_arith.max_steps=120")
-        if parts[0] not in by_name:
-            raise RecipeError(file, f"--set {path}", f"no stage {parts[0]!r}"
-                              f"{closest(parts[0], tuple(by_name))}; stages: "
-                              f"{', '.join(by_name)}")
+        cut = next((k for k in range(len(parts) - 1, 0, -1)
+                    if ".".join(parts[:k]) in targets), 1)  # stage names may contain '.'
+        sname, fpath = ".".join(parts[:cut]), parts[cut:]
+        if sname not in targets:
+            listed = f"; foreach templates: {', '.join(templates)}" if templates else ""
+            raise RecipeError(file, f"--set {path}", f"no stage {sname!r}"
+                              f"{closest(sname, tuple(targets))}; stages: "
+                              f"{', '.join(by_name)}{listed}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        body = by_name[parts[0]]
-        kind = body.get("kind")
-        fields: tuple[str, ...] = STAGE_FIELDS
-        if kind in tasks.KINDS:
-            fields = fields + tuple(tasks.module_for(kind).Config.model_fields)
-        if parts[1] not in fields:
-            raise RecipeError(file, f"--set {path}", f"stage {parts[0]!r} has no field "
-                              f"{parts[1]!r}{closest(parts[1], fields)}")
-        if parts[1] in ("foreach", "rounds"):
-            raise RecipeError(file, f"--set {path}", f"`{parts[1]}` is expanded before --set "
-                              "applies (stage names depend on it); edit the recipe instead")
-        target = body
-        for p in parts[1:-1]:
-            nxt = target.get(p)
-            if nxt is None:
-                nxt = target[p] = {}
-            if not isinstance(nxt, dict):
-                raise RecipeError(file, f"--set {path}", f"{p!r} is not a mapping")
-            target = nxt
-        target[parts[-1]] = value
+        for stage in targets[sname]:
+            body = by_name[stage]
+            kind = body.get("kind")
+            fields: tuple[str, ...] = STAGE_FIELDS
+            if kind in tasks.KINDS:
+                fields = fields + tuple(tasks.module_for(kind).Config.model_fields)
+            if fpath[0] not in fields:
+                raise RecipeError(file, f"--set {path}", f"stage {sname!r} has no field "
+                                  f"{fpath[0]!r}{closest(fpath[0], fields)}")
+            if fpath[0] in ("foreach", "rounds"):
+                raise RecipeError(file, f"--set {path}", f"`{fpath[0]}` is expanded before "
+                                  "--set applies (stage names depend on it); edit the recipe "
+                                  "instead")
+            target = body
+            for p in fpath[:-1]:
+                nxt = target.get(p)
+                if nxt is None:
+                    nxt = target[p] = {}
+                if not isinstance(nxt, dict):
+                    raise RecipeError(file, f"--set {path}", f"{p!r} is not a mapping")
+                target = nxt
+            target[fpath[-1]] = copy.deepcopy(value)  # copies: a later --set on one stays there
     return stages
 
 
@@ -533,14 +664,13 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
             raise ctx.error(where, f"missing `kind:` (known kinds: {', '.join(tasks.KINDS)}) "
                             "or `use: <ref>`")
         kind = body["kind"]
-        module = _kind_module(kind, ctx, where)
+        kspec = _kind_spec(kind, ctx, where)
         cfg = {k: v for k, v in body.items() if k not in STAGE_FIELDS}
         cfg = _deep_merge(defaults.get(kind, {}), cfg)
         set_by = {tuple(i.split("=", 1)[0].strip().split(".")[1:]): f"--set {i}"
                   for i in sets if i.split(".", 1)[0] == sname}
-        config = _validate_config(kind, module, cfg, ctx, where, recipe_dir, set_by)
-        inputs = _parse_inputs(sname, body, vars_, ctx, where)
-        _check_roles(sname, kind, module, inputs, ctx, where)
+        config = _validate_config(kspec, cfg, ctx, where, recipe_dir, set_by)
+        inputs = _parse_inputs(sname, kind, kspec.roles, body, vars_, ctx, where)
         res = body.get("resources") or {}
         if not isinstance(res, dict):
             raise ctx.error(where + ("resources",), f"resources is {{cpus: N, gpus: N}}, got "
@@ -567,11 +697,10 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
             if p not in specs:
                 role = next(r for r, v in s.inputs.items()
                             if p == v or (isinstance(v, dict) and p in v.values()))
-                fld = {v: k for k, v in ROLE_OF_FIELD.items()}[role]
+                fld = FIELD_OF_ROLE[role]
                 raise ctx.error(_path(s) + (fld,), f"stage {s.name!r} refers "
                                 f"to missing stage {p!r}{closest(p, tuple(specs))}")
-    ordered = _toposort(specs, ctx)
-    _check_routes(ordered, ctx)
+    ordered = _check_edges(_toposort(specs, ctx), ctx)
     return Recipe(name, str(doc.get("description") or ""), Path(path), vars_, ordered,
                   tuple(sets))
 

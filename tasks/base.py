@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import Inputs, Progress, no_progress
 from tasks import domains as _domains
+from tasks.kind import Role
 
 PRODUCES = "model"
-ROLES: dict[str, str] = {}
+ROLES: dict[str, Role] = {}
 
 
 class Config(BaseModel):

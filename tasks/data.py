@@ -4,8 +4,10 @@ Either generated from the synthetic domains (`domains`, `mix` weights, `size`, `
 only from the train split of each domain so evaluation problems never leak into training, or read
 from a user JSONL file (`path`), every row validated: each needs `prompt`, `completion` or
 `answer`, and a known `domain` (the verifier of that domain scores RL and evaluation). A bad row
-raises StageInputError naming ``path:line`` and the fix. User rows whose prompt falls in the
-held-out split are kept but counted in a warning (they would inflate held-out accuracy).
+raises StageInputError naming ``path:line`` and the fix. Extra columns of user rows are
+kept (a consumer may route on them, e.g. mopd ``route_key: source``). User rows whose prompt
+falls in the held-out split are kept but counted in a warning (they would inflate held-out
+accuracy).
 
 Writes ``out_dir/train.jsonl``; metrics ``{"rows": n, "domains": {domain: count}}``.
 
@@ -14,18 +16,21 @@ Run: ``python -m tasks.data /tmp/data arith reverse`` writes 1,000 rows of each.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
+from tasks.kind import KindCheckError, Role
 
 PRODUCES = "dataset"
-ROLES: dict[str, str] = {}
+ROLES: dict[str, Role] = {}
 FILENAME = "train.jsonl"
 
 
@@ -138,7 +143,9 @@ def _normalise(row: dict, where: str) -> dict:
         )
     completion = completion if isinstance(completion, str) else answer
     answer = answer if isinstance(answer, str) else completion
+    # Extra columns are kept: a consumer may route on them (mopd `route_key: source`).
     return {
+        **row,
         "prompt": row["prompt"],
         "completion": completion,
         "answer": answer,
@@ -181,6 +188,83 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     if warnings:
         metrics["warnings"] = warnings
     return metrics
+
+
+# -- the kind contract's plan-time hooks (tasks/kind.py) ------------------------------------
+
+BASE_COLUMNS = frozenset({"prompt", "completion", "answer", "domain"})
+# Larger user files are not scanned at plan time (their columns and route values are checked
+# when the consuming stage reads them): plan must stay fast whatever the data size.
+PLAN_SCAN_LIMIT = 64 << 20
+
+
+def prepare(config: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """Resolve a relative `path` against the recipe's folder; refuse a missing file."""
+    if not isinstance(config.get("path"), str):
+        return config
+    p = Path(config["path"]).expanduser()
+    p = p if p.is_absolute() else recipe_dir / p
+    if not p.is_file():
+        raise KindCheckError(("path",), f"data file {str(p)!r} does not exist (relative paths "
+                             "are read from the recipe's folder)")
+    return dict(config, path=str(p.resolve()))
+
+
+def data_files(config: dict[str, Any]) -> dict[str, str]:
+    """User files whose content enters the key: {"path": file} for a user JSONL."""
+    return {"path": config["path"]} if config.get("path") else {}
+
+
+@functools.lru_cache(maxsize=32)
+def _scan(path: str, size: int, mtime_ns: int) -> tuple[frozenset[str], dict[str, frozenset]]:
+    """(columns every row has, {column: distinct str values}) of a user JSONL file. Bad rows
+    are skipped here: the stage itself reports them with path:line."""
+    common: set[str] | None = None
+    values: dict[str, set[str]] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            common = set(row) if common is None else common & set(row)
+            for k, v in row.items():
+                if isinstance(v, str | int) and not isinstance(v, bool):
+                    values.setdefault(k, set()).add(str(v))
+    return frozenset(common or ()), {k: frozenset(v) for k, v in values.items()}
+
+
+def _scanned(config: dict[str, Any]) -> tuple[frozenset[str], dict[str, frozenset]] | None:
+    p = Path(config["path"])
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    if st.st_size > PLAN_SCAN_LIMIT:
+        return None
+    return _scan(str(p), st.st_size, st.st_mtime_ns)
+
+
+def columns(config: dict[str, Any]) -> set[str] | None:
+    """Columns of every row this stage writes (None: a user file too large to scan)."""
+    if not config.get("path"):
+        return set(BASE_COLUMNS)
+    scanned = _scanned(config)
+    return None if scanned is None else set(scanned[0] | BASE_COLUMNS)
+
+
+def route_values(config: dict[str, Any], column: str) -> set[str] | None:
+    """Distinct values of `column` in the rows (synthetic data: its domains)."""
+    keep = set(config.get("domains") or ())
+    if not config.get("path"):
+        return set(config.get("domains") or ()) if column == "domain" else None
+    scanned = _scanned(config)
+    if scanned is None or column not in scanned[1]:
+        return None
+    found = set(scanned[1][column])
+    return found & keep if column == "domain" and keep else found
 
 
 def data_file(inputs: Inputs) -> Path:

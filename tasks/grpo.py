@@ -32,9 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
+from tasks.kind import Role
 
 PRODUCES = "model"
-ROLES = {"init": "required", "data": "required", "reference": "optional"}
+ROLES = {
+    "init": Role("model", description="The policy trained."),
+    "data": Role("dataset", many=True, names=("train",), columns=("prompt", "answer", "domain"),
+                 description="Prompts with answers; each row judged by its domain's verifier."),
+    "reference": Role("model", required=False, description="KL reference (beta > 0)."),
+}
 
 _TRL_FIELDS = (
     "max_steps",
@@ -98,6 +104,11 @@ class Config(BaseModel):
                 f"multiple of num_generations {self.num_generations}"
             )
         return self
+
+
+def trained_domains(config: dict[str, Any]) -> set[str] | None:
+    """Kind hook: the domains this stage trains on (None: every row of its data)."""
+    return set(config["domains"]) if config.get("domains") else None
 
 
 def domain_reward(

@@ -238,11 +238,40 @@ def trainer_defaults(out_dir: Path) -> dict[str, Any]:
     }
 
 
+# TRL arguments the stage owns: where checkpoints go and what survives it. A stage publishes
+# exactly one artifact; Trainer checkpoints land in a staging directory deleted at the end.
+_CKPT = ("checkpoints inside a stage are deleted when the stage ends (the store keeps only its "
+         "final model); to keep an intermediate model, end a stage at that step and chain the "
+         "next one with `from:`")
+STAGE_OWNED = {
+    "output_dir": "the stage writes into the store's staging directory",
+    "save_strategy": _CKPT,
+    "save_steps": _CKPT,
+    "save_total_limit": _CKPT,
+    "load_best_model_at_end": "a stage never picks a checkpoint by its held-out score",
+    "resume_from_checkpoint": "a stage starts from its `from:` model",
+    "push_to_hub": "artifacts live in the store (and its MLflow mirror), not on a hub",
+    "hub_model_id": "artifacts live in the store (and its MLflow mirror), not on a hub",
+    "report_to": "the stage's curves go to MLflow through posttrain",
+}
+
+
 def check_passthrough(trainer: dict[str, Any], own_fields: set[str]) -> None:
-    """Refuse a `trainer` passthrough key that shadows a first-class config field."""
+    """Refuse a `trainer` passthrough key that shadows a first-class config field, or one the
+    stage owns (checkpoint saving that would be silently deleted, hub pushes, ...).
+
+    >>> check_passthrough({"save_strategy": "no", "weight_decay": 0.1}, {"max_steps"})
+    >>> check_passthrough({"save_steps": 250}, {"max_steps"})
+    Traceback (most recent call last):
+    ...
+    ValueError: trainer.save_steps: checkpoints inside a stage are deleted when the stage ends ...
+    """
     clash = sorted(set(trainer) & own_fields)
     if clash:
         raise ValueError(f"set {clash} as stage fields, not inside `trainer`")
+    for name, why in STAGE_OWNED.items():
+        if name in trainer and not (name == "save_strategy" and trainer[name] == "no"):
+            raise ValueError(f"trainer.{name}: {why}. Remove it from `trainer`")
 
 
 def n_parameters(model: Any) -> int:

@@ -36,15 +36,23 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
+from tasks.kind import KindCheckError, Node, Role, columns_of, route_values_of, trained_domains_of
 
 PRODUCES = "model"
-ROLES: dict[str, str] = {"init": "required", "teachers": "required", "data": "required"}
+ROLES = {
+    "init": Role("model", description="The student (and its sampler)."),
+    "teachers": Role("model", many=True, description="route -> teacher that scores the "
+                     "student's samples of that route."),
+    "data": Role("dataset", many=True, names=("train",), columns=("prompt",),
+                 description="Prompts; the `route_key` column picks each row's teacher."),
+}
 
 
 class Config(BaseModel):
@@ -90,6 +98,11 @@ class Config(BaseModel):
         "error", pattern=r"^(error|default:.+)$", description="Route value with no teacher: "
         "'error' refuses the run; 'default:<route>' sends it to that teacher."
     )
+    route_checks: Literal["error", "warn"] = Field(
+        "error", description="Teachers that would get no rows (no data row has their route) "
+        "or that trained on other domains than their route: refused when the recipe is planned "
+        "(error), or planned with a warning that the manifest keeps (warn)."
+    )
     allow_cross_lineage: bool = Field(
         False, description="Accept teachers whose sft_root differs from the student's (warns)."
     )
@@ -108,6 +121,48 @@ class Config(BaseModel):
         if self.is_low >= self.is_high:
             raise ValueError(f"is_low {self.is_low} must be below is_high {self.is_high}")
         return self
+
+
+def check(node: Node, nodes: Mapping[str, Node]) -> list[str]:
+    """Kind hook, at plan time: the data has the routing column, every route value has a
+    teacher, every teacher gets rows, and no teacher was trained on other domains than its route.
+    Returns warnings (route_checks: warn); raises KindCheckError with the YAML place otherwise."""
+    teachers: dict[str, str] = dict(node.inputs.get("teachers") or {})
+    key, unmapped = node.config.get("route_key", "domain"), node.config.get("unmapped", "error")
+    default = unmapped[len("default:"):] if unmapped.startswith("default:") else None
+    if default is not None and default not in teachers:
+        raise KindCheckError(("unmapped",), f"default route {default!r} is not a teacher route "
+                             f"({', '.join(teachers)})")
+    data = nodes.get((node.inputs.get("data") or {}).get("train", ""))
+    cols = columns_of(data)
+    if data is not None and cols is not None and key not in cols:
+        raise KindCheckError(("route_key",), f"the rows of data stage {data.name!r} have no "
+                             f"column {key!r} to route on (they have {', '.join(sorted(cols))}); "
+                             "fix `route_key` or add the column to every row")
+    values = route_values_of(data, key)
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if values is not None:
+        missing = sorted(values - set(teachers))
+        if missing and default is None:
+            raise KindCheckError(("teachers",), f"no teacher for route(s) {', '.join(missing)} "
+                                 f"of the routing key {key!r} in its data; add them to teachers, "
+                                 "or set unmapped: default:<route>")
+        idle = sorted(set(teachers) - values - {default})
+        if idle:
+            problems.append((("teachers", idle[0]), f"teachers {idle} get no rows: no row of "
+                             f"data stage {data.name!r} has their {key!r} "
+                             f"({', '.join(sorted(values))}); they would train for nothing. "
+                             "Remove them, or set route_checks: warn"))
+    for route, stage in sorted(teachers.items()):
+        trained = trained_domains_of(nodes.get(stage)) if key == "domain" else None
+        if trained is not None and route not in trained:
+            problems.append((("teachers", route), f"teacher {stage!r} for route {route!r} trains "
+                             f"only on domains {sorted(trained)}: {route} prompts would be "
+                             f"distilled from a specialist of other domains. Point the route at "
+                             "a stage trained on it, or set route_checks: warn"))
+    if problems and node.config.get("route_checks", "error") == "error":
+        raise KindCheckError(*problems[0])
+    return [msg.rsplit(". ", 1)[0] for _, msg in problems]
 
 
 def route_table(values: list[str], routes: list[str], unmapped: str) -> dict[str, str]:

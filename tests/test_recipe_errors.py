@@ -221,6 +221,36 @@ CASES = [
          args=["--set", "sft.max_steps.x=1"]),
     Case("force-unknown-stage", ["--force", "no stage 'sfft'", "did you mean 'sft'"],
          args=["--force", "sfft"]),
+    # -- the kind contract (tasks/kind.py): mistakes that used to fail only at run time --------
+    Case("dataset-as-from", ["stages.sft.from", "`from` takes a model",
+                             "stage 'data' (kind data) produces a dataset"],
+         edits=[("    from: base\n    data: data\n", "    from: data\n    data: data\n")],
+         line=20),
+    Case("model-as-data", ["stages.sft.data.train", "`data` takes a dataset",
+                           "stage 'base' (kind base) produces a model"],
+         edits=[("    from: base\n    data: data\n", "    from: base\n    data: base\n")]),
+    Case("data-name-ignored", ["stages.sft.data.extra", "named train only", "'extra' would be "
+                               "ignored", "`data: STAGE` or `data: {train: STAGE}`"],
+         edits=[("    from: base\n    data: data\n",
+                 "    from: base\n    data: {train: data, extra: data}\n")]),
+    Case("data-without-train", ["stages.sft.data.mine", "named train only",
+                                "`data: STAGE` or `data: {train: STAGE}`"],
+         edits=[("    from: base\n    data: data\n", "    from: base\n    data: {mine: data}\n")]),
+    Case("route-key-not-a-column", ["stages.mopd.route_key", "no column 'source'",
+                                    "prompt", "fix `route_key`"],
+         edits=[("    unmapped: error\n", "    unmapped: error\n    route_key: source\n")]),
+    Case("idle-teacher", ["stages.mopd.teachers.sort", "teachers ['sort'] get no rows",
+                          "arith, reverse", "route_checks: warn"],
+         edits=[('teachers: {"{domain}": "rl_{domain}"}',
+                 'teachers: {"{domain}": "rl_{domain}", sort: rl_arith}')]),
+    Case("trainer-saves-checkpoints", ["stages.sft", "trainer.save_strategy",
+                                       "deleted when the stage ends", "chain the next one"],
+         edits=[("    max_steps: 2\n",
+                 "    max_steps: 2\n    trainer: {save_strategy: steps, save_steps: 250}\n")]),
+    Case("teacher-off-route", ["stages.mopd.teachers.arith", "teacher 'rl_arith' for route "
+                               "'arith' trains only on domains ['reverse']",
+                               "route_checks: warn"],
+         args=["--set", "rl_arith.domains=[reverse]"]),
 ]
 
 

@@ -1,0 +1,172 @@
+"""The kind contract: what every stage kind module declares, checked in one place.
+
+A kind module (listed in `tasks.KINDS`) exports:
+
+- ``Config``: a frozen pydantic model (``extra="forbid"``), every field with a description;
+  training kinds (``PRODUCES == "model"`` and any input role) have a top-level ``max_steps``.
+- ``PRODUCES``: the artifact type it writes, ``"model"`` (a plain Hugging Face directory) or
+  ``"dataset"`` (``train.jsonl``).
+- ``ROLES``: ``{role: Role(...)}``: each input role it takes (``init``, ``teachers``,
+  ``reference``, ``reward_model``, ``data``), whether it is required, its arity (one stage, or a
+  named map ``{name: stage}`` with the names it allows), the artifact type it accepts and the
+  dataset columns it reads. The recipe loader refuses anything else, with the place and the fix.
+- ``run(config, inputs, out_dir, progress) -> metrics``.
+
+and, where the kind has rules of its own, any of these optional hooks (looked up by exactly
+these names through `hooks`; nothing else is discovered):
+
+- ``STARTS_LINEAGE = True``: the kind's output is an SFT-lineage root (``sft``).
+- ``prepare(config: dict, recipe_dir: Path) -> dict``: resolve recipe-relative paths before the
+  config is validated (raises ``KindCheckError``).
+- ``data_files(config) -> {name: path}``: user files whose content enters the key.
+- ``columns(config) -> set[str] | None``: the columns of the rows a dataset kind writes.
+- ``route_values(config, column) -> set[str] | None``: the values of one column, when the recipe
+  alone tells them (synthetic domains) or a small user file does.
+- ``trained_domains(config) -> set[str] | None``: the domains a model kind restricts training to.
+- ``check(node, nodes) -> list[str]``: recipe-level rules (route coverage, idle teachers ...);
+  raises ``KindCheckError`` for an error, returns warnings that plan prints and the manifest
+  keeps.
+
+This module imports neither torch nor prefect: `posttrain plan` calls every hook.
+
+Run: ``python -m tasks.kind`` prints every kind's contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+ArtifactType = Literal["model", "dataset"]
+ARTIFACT_TYPES: tuple[str, ...] = ("model", "dataset")
+# recipe field -> role, and back: the recipe says `from:`, the lineage says `init`.
+ROLE_OF_FIELD = {"from": "init", "reference": "reference", "reward_model": "reward_model",
+                 "teachers": "teachers", "data": "data"}
+FIELD_OF_ROLE = {v: k for k, v in ROLE_OF_FIELD.items()}
+OPTIONAL_HOOKS = ("prepare", "data_files", "columns", "route_values", "trained_domains", "check")
+
+
+class KindCheckError(ValueError):
+    """A recipe breaks a kind's rule. `where` is the YAML path below the stage, e.g.
+    ("teachers", "arith"); the recipe loader turns it into `FILE:LINE: yaml.path: message`."""
+
+    def __init__(self, where: tuple[str, ...], message: str) -> None:
+        self.where, self.message = where, message
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Role:
+    """One input role of a kind.
+
+    >>> Role("dataset", many=True, names=("train",)).shape()
+    '`data: STAGE` or `data: {train: STAGE}`'
+    """
+
+    accepts: ArtifactType
+    required: bool = True
+    many: bool = False  # a named map {name: stage} (teachers, data) instead of one stage
+    names: tuple[str, ...] | None = None  # allowed names of a map (None: any name)
+    columns: tuple[str, ...] = ()  # dataset columns this kind reads from every row
+    description: str = ""
+
+    def shape(self, fld: str = "data") -> str:
+        if not self.many:
+            return f"`{fld}: STAGE`"
+        if self.names == ("train",):
+            return f"`{fld}: STAGE` or `{fld}: {{train: STAGE}}`"
+        if self.names:
+            return f"`{fld}: {{{', '.join(f'{n}: STAGE' for n in self.names)}}}`"
+        return f"`{fld}: {{NAME: STAGE, ...}}`"
+
+
+@dataclass(frozen=True)
+class Node:
+    """A stage as a kind's hooks see it: no flows types, so tasks never import flows.
+
+    `kind` is None for a `use:` pin (its artifact is only known once the store is read)."""
+
+    name: str
+    kind: str | None
+    config: Mapping[str, Any]
+    inputs: Mapping[str, Any]  # role -> stage name | {name: stage name}
+    where: tuple[str, ...] = ()  # YAML path of its template
+
+    def parents(self, role: str) -> dict[str | None, str]:
+        v = self.inputs.get(role)
+        if v is None:
+            return {}
+        return dict(v) if isinstance(v, dict) else {None: v}
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """A kind module read once through the contract (see the module docstring)."""
+
+    name: str
+    module: ModuleType
+    config: type
+    produces: ArtifactType
+    roles: Mapping[str, Role]
+    starts_lineage: bool = False
+    hooks: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+
+    @property
+    def trains(self) -> bool:
+        return self.produces == "model" and bool(self.roles)
+
+
+def spec(kind: str) -> KindSpec:
+    """The contract of `kind` (KeyError for an unknown kind; the recipe loader checks first)."""
+    return _spec(kind)
+
+
+_CACHE: dict[str, KindSpec] = {}
+
+
+def _spec(kind: str) -> KindSpec:
+    if kind not in _CACHE:
+        from tasks import KINDS
+
+        module = importlib.import_module(KINDS[kind])
+        _CACHE[kind] = KindSpec(
+            name=kind, module=module, config=module.Config, produces=module.PRODUCES,
+            roles=dict(module.ROLES), starts_lineage=bool(getattr(module, "STARTS_LINEAGE", False)),
+            hooks={h: getattr(module, h) for h in OPTIONAL_HOOKS if hasattr(module, h)})
+    return _CACHE[kind]
+
+
+def hook(node: Node | None, name: str, *args: Any) -> Any:
+    """Call `name` on `node`'s kind if it declares it; None when it does not (or a pin)."""
+    if node is None or node.kind is None:
+        return None
+    fn = spec(node.kind).hooks.get(name)
+    return fn(node.config, *args) if fn else None
+
+
+def columns_of(node: Node | None) -> set[str] | None:
+    """Columns of the rows a dataset stage writes (None: not known from the recipe)."""
+    return hook(node, "columns")
+
+
+def route_values_of(node: Node | None, column: str) -> set[str] | None:
+    """Values of `column` in a dataset stage's rows (None: not known from the recipe)."""
+    return hook(node, "route_values", column)
+
+
+def trained_domains_of(node: Node | None) -> set[str] | None:
+    """Domains a model stage restricts its training to (None: all of its data)."""
+    return hook(node, "trained_domains")
+
+
+if __name__ == "__main__":
+    from tasks import KINDS
+
+    for k in KINDS:
+        s = spec(k)
+        roles = ", ".join(f"{r}:{v.accepts}{'*' if v.many else ''}{'' if v.required else '?'}"
+                          for r, v in s.roles.items()) or "-"
+        print(f"{k:<8} -> {s.produces:<8} roles [{roles}] hooks {sorted(s.hooks)}")
