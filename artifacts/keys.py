@@ -9,6 +9,10 @@
         "code": digest of the kind's module + every project module it imports (transitively),
     }))
 
+Each code file counts by its normalized AST (docstrings dropped, no line numbers, comments
+and whitespace never parsed), so rewording a docstring or a comment in `tasks/sft.py` retrains
+nothing, while any change to a statement, a default or an import makes its users stale.
+
 Parent keys stand in for parent checkpoints, so the cost is flat in checkpoint size: a 1 GB
 and a 1 MB checkpoint cost the same to key (bench/plan_speed.py measures this). User data files
 (`path:` in a `data` stage) are hashed by content, cached on (path, size, mtime_ns); a file
@@ -70,9 +74,10 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(module: str, path: Path) -> set[str]:
+def _imports(module: str, path: Path, tree: ast.Module | None = None) -> set[str]:
     """Project modules imported anywhere in `path` (top level or inside functions)."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    if tree is None:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -91,14 +96,38 @@ def _imports(module: str, path: Path) -> set[str]:
     return {m for m in found if _module_file(m) is not None}
 
 
+def _strip_docstrings(tree: ast.Module) -> ast.Module:
+    """Drop the docstring of the module and of every class and function (in place), leaving
+    `pass` where that empties a body, so prose edits do not count as code changes."""
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)):
+            continue
+        body = node.body
+        if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def ast_digest(tree: ast.Module) -> str:
+    """sha256 of a parsed file's normalized AST: docstrings stripped, no positions (so line
+    numbers, whitespace and comments never count). Strips `tree`'s docstrings in place."""
+    dump = ast.dump(_strip_docstrings(tree), annotate_fields=True, include_attributes=False)
+    return hashlib.sha256(dump.encode()).hexdigest()
+
+
 @cache
 def code_files(module: str) -> tuple[tuple[str, str], ...]:
-    """((relative path, sha256), ...) of `module` and its transitive project imports.
+    """((relative path, AST digest), ...) of `module` and its transitive project imports.
 
-    Package ``__init__`` files are left out (tasks/__init__.py is the kind table: adding a
-    kind must not make every existing stage stale) unless imported as a module of their own.
+    Each file counts by `ast_digest` (not its bytes): editing a docstring or a comment leaves
+    every key as it was. Package ``__init__`` files are left out (tasks/__init__.py is the kind
+    table: adding a kind must not make every existing stage stale) unless imported as a module
+    of their own.
     """
     seen: dict[str, Path] = {}
+    digests: dict[str, str] = {}
     todo = [module]
     while todo:
         mod = todo.pop()
@@ -108,13 +137,14 @@ def code_files(module: str) -> tuple[tuple[str, str], ...]:
         if path is None:
             continue
         seen[mod] = path
-        todo.extend(_imports(mod, path) - seen.keys())
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        todo.extend(_imports(mod, path, tree) - seen.keys())
+        digests[mod] = ast_digest(tree)  # after _imports: this strips docstrings in place
     rows = []
     for mod, path in seen.items():
         if path.name == "__init__.py" and mod != module:
             continue
-        rows.append((path.relative_to(PROJECT_ROOT).as_posix(),
-                     hashlib.sha256(path.read_bytes()).hexdigest()))
+        rows.append((path.relative_to(PROJECT_ROOT).as_posix(), digests[mod]))
     return tuple(sorted(rows))
 
 

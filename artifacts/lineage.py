@@ -20,7 +20,6 @@ import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from artifacts.store import RefError, Store
@@ -99,20 +98,6 @@ def _graph(store_or_graph: Store | Graph) -> Graph:
     return store_or_graph if isinstance(store_or_graph, Graph) else build(store_or_graph)
 
 
-def resolve(store: Store, ref: str, tracking_uri: str | None = None,
-            state_dir: str | Path = ".posttrain") -> str:
-    """A key from a key, a unique prefix, `recipe:stage`, or `models:/name@alias|/version`."""
-    if ref.strip().startswith("models:/"):
-        from artifacts import tracking  # imports mlflow only for model URIs
-
-        key = tracking.resolve_model_uri(ref.strip(), tracking_uri, Path(state_dir))
-        if not store.has(key):
-            raise RefError(f"{ref} points at key {key[:12]}, which is not in {store.uri} "
-                           "(pass the --store that holds it)")
-        return key
-    return store.resolve(ref)
-
-
 def label(node: dict[str, Any]) -> str:
     return f"{node.get('recipe') or '?'}:{node.get('stage') or '?'}"
 
@@ -158,11 +143,13 @@ def descendants(store: Store | Graph, key: str, depth: int | None = None) -> dic
 
 
 def sft_root(store: Store | Graph, key: str) -> str | None:
-    """Nearest `sft` ancestor along init edges (itself for an sft stage), from the graph."""
+    """Nearest lineage root (an `sft` stage: its manifest's sft_root is its own key) along init
+    edges, from the graph. Which kinds start a lineage is the kinds' rule (tasks/kind.py); the
+    manifests carry its outcome, so lineage never names a kind."""
     g = _graph(store)
     k: str | None = key
     while k is not None:
-        if g.nodes[k].get("kind") == "sft":
+        if g.nodes[k].get("sft_root") == k:
             return k
         k = next((e["parent"] for e in g.parents.get(k, []) if e["role"] == "init"), None)
     return None
@@ -207,14 +194,13 @@ def students_of(store: Store | Graph, key: str) -> list[dict[str, Any]]:
         e = next(e for e in g.parents[n["key"]] if e["parent"] in paths)
         paths[n["key"]] = paths[e["parent"]] + [e["role"]]
     return [dict(n, via=paths[n["key"]], direct=len(paths[n["key"]]) == 1)
-            for n in sub["nodes"][1:] if n.get("produces") != "dataset"
-            and n.get("kind") != "data"]
+            for n in sub["nodes"][1:] if n.get("produces") != "dataset"]
 
 
 def impact(store: Store, key: str, tracker: Any = None) -> dict[str, Any]:
     """What to quarantine if `key` is bad: it and everything downstream, the store refs that
-    name any of them, and (with a tracking.Tracker) MLflow registered versions pointing at them.
-    """
+    name any of them, and (with a tracking_lookup.Lookup) MLflow registered versions pointing
+    at them."""
     sub = descendants(store, key)
     keys = {n["key"] for n in sub["nodes"]}
     refs = [{"ref": r, "key": k} for r, k in sorted(store.refs().items()) if k in keys]

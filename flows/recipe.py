@@ -668,7 +668,7 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         cfg = {k: v for k, v in body.items() if k not in STAGE_FIELDS}
         cfg = _deep_merge(defaults.get(kind, {}), cfg)
         set_by = {tuple(i.split("=", 1)[0].strip().split(".")[1:]): f"--set {i}"
-                  for i in sets if i.split(".", 1)[0] == sname}
+                  for i in sets if i.split(".", 1)[0] in (sname, where[-1])}
         config = _validate_config(kspec, cfg, ctx, where, recipe_dir, set_by)
         inputs = _parse_inputs(sname, kind, kspec.roles, body, vars_, ctx, where)
         res = body.get("resources") or {}

@@ -1,16 +1,10 @@
 """Stage kinds: one module per kind, and the one explicit table that maps kind name -> module.
 
-Every kind module exports, and nothing else is looked up by name:
-
-- ``Config``: a frozen pydantic model (``extra="forbid"``), every field with a description.
-  Training kinds have a top-level ``max_steps``.
-- ``PRODUCES``: ``"model"`` (a plain Hugging Face directory) or ``"dataset"`` (JSONL).
-- ``ROLES``: ``{role: "required" | "optional"}`` for the input roles the kind accepts
-  (``init``, ``teachers``, ``reference``, ``reward_model``, ``data``); any other role is refused
-  when the recipe is validated.
-- ``run(config, inputs, out_dir, progress) -> metrics``: writes the payload into ``out_dir``
-  and returns a JSON-able dict (``eval``: {domain: accuracy}, ``train``: summary numbers,
-  ``history``: [{step, ...}], optionally ``warnings``: [str]).
+What a kind module exports (``Config``, ``PRODUCES``, ``ROLES`` of typed ``Role``s, ``run``, and
+optional hooks for the kind's own recipe rules) is the kind contract, written down and read in
+one place: `tasks/kind.py`. flows/ and artifacts/ hold no per-kind rules; adding a kind touches
+its module, the line below, its tests and a README row (tests/test_kind_contract.py checks
+every entry).
 
 Kind modules import torch / transformers / trl inside functions only: `posttrain plan` imports
 every Config and must answer in well under a second.

@@ -4,7 +4,7 @@
 - code digests follow project imports transitively (tasks.mopd -> tasks/compat.py);
 - in a copy of the project (flows/ tasks/ artifacts/ + tests/recipes/spine_tiny.yaml) with
   every stage faked into a store and a lock written, `plan --json` says all fresh; appending a
-  comment to a helper or a kind module marks exactly its users and their descendants, with
+  statement to a helper or a kind module marks exactly its users and their descendants, with
   reasons; `--set rl_arith.max_steps=3` marks exactly rl_arith and its descendants;
 - `plan` imports neither prefect nor torch and answers in under a second.
 
@@ -166,7 +166,8 @@ def test_editing_a_module_marks_exactly_its_users(
     shutil.copytree(cached["proj"], proj)
     before = _plan(cached, proj)
     with open(proj / edited, "a") as f:
-        f.write("\n# an edit that changes no behaviour, but the code digest\n")
+        # A statement: a comment alone no longer counts (the digest is over the AST).
+        f.write("\n_EDITED = 1\n")
     rows = _plan(cached, proj)
     assert _running(rows) == code_changed | downstream
     for s in code_changed:
