@@ -29,6 +29,7 @@ Run: ``posttrain show mimo_tiny:sft --json`` prints one.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import socket
 import subprocess
@@ -55,13 +56,19 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_state() -> tuple[str | None, bool]:
+    """(HEAD, whether tracked files differ from it) of the project checkout, read without
+    taking `.git/index.lock`: `git status` refreshes the index and would race the user's own
+    git commands while a stage runs. GIT_OPTIONAL_LOCKS=0 keeps `git diff` lock-free too."""
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, text=True,
-                                capture_output=True, timeout=5).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=PROJECT_ROOT, text=True, capture_output=True,
-                                    timeout=5).stdout.strip())
-        return commit, dirty
+        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=PROJECT_ROOT,
+                                text=True, capture_output=True, timeout=5,
+                                env=env).stdout.strip() or None
+        if commit is None:
+            return None, False
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=PROJECT_ROOT,
+                              capture_output=True, timeout=10, env=env)
+        return commit, diff.returncode == 1
     except (OSError, subprocess.SubprocessError):
         return None, False
 

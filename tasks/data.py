@@ -32,6 +32,7 @@ from tasks.kind import KindCheckError, Role
 PRODUCES = "dataset"
 ROLES: dict[str, Role] = {}
 FILENAME = "train.jsonl"
+MAX_ROW_BYTES = 1 << 20
 
 
 def _check_domains(names: list[str]) -> None:
@@ -61,6 +62,10 @@ class Config(BaseModel):
         None,
         description="A user JSONL file (rows: prompt, completion and/or answer, domain) used "
         "instead of generating.",
+    )
+    max_row_bytes: int = Field(
+        MAX_ROW_BYTES, ge=1, description="Longest accepted line of a user file, in bytes: a "
+        "larger row is refused with its path:line (a whole corpus on one line, a stray binary).",
     )
 
     @model_validator(mode="after")
@@ -101,16 +106,29 @@ def apportion(size: int, weights: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def read_rows(path: Path, keep: list[str] | None = None) -> list[dict]:
+def read_rows(path: Path, keep: list[str] | None = None,
+              max_row_bytes: int = MAX_ROW_BYTES) -> list[dict]:
     """Validated rows of a user JSONL file (StageInputError names path:line and the fix)."""
     if not path.is_file():
         raise StageInputError(f"data file {path} does not exist; fix `path` in the data stage")
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if len(raw) > max_row_bytes:
+                raise StageInputError(
+                    f"{where}: a row of {len(raw):,} bytes, over max_row_bytes "
+                    f"{max_row_bytes:,}; split it into rows, or raise `max_row_bytes`"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise StageInputError(
+                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -168,7 +186,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     """Write ``out_dir/train.jsonl``; return row counts (and a leak warning for user data)."""
     warnings: list[str] = []
     if config.path is not None:
-        rows = read_rows(Path(config.path), config.domains or None)
+        rows = read_rows(Path(config.path), config.domains or None, config.max_row_bytes)
         leaked = sum(_domains.split_of(r["prompt"]) == "heldout" for r in rows)
         if leaked:
             warnings.append(
@@ -207,7 +225,21 @@ def prepare(config: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
     if not p.is_file():
         raise KindCheckError(("path",), f"data file {str(p)!r} does not exist (relative paths "
                              "are read from the recipe's folder)")
-    return dict(config, path=str(p.resolve()))
+    p = p.resolve()
+    limit = config.get("max_row_bytes", MAX_ROW_BYTES)
+    st = p.stat()
+    if st.st_size <= PLAN_SCAN_LIMIT and isinstance(limit, int):
+        try:  # every row checked now, not after an hour of upstream training
+            _validated(str(p), st.st_size, st.st_mtime_ns, limit)
+        except StageInputError as e:
+            raise KindCheckError(("path",), str(e)) from None
+    return dict(config, path=str(p))
+
+
+@functools.lru_cache(maxsize=32)
+def _validated(path: str, size: int, mtime_ns: int, limit: int) -> int:
+    """Row count of a user file that passes `read_rows` (cached on its size and mtime)."""
+    return len(read_rows(Path(path), None, limit))
 
 
 def data_files(config: dict[str, Any]) -> dict[str, str]:
