@@ -1,14 +1,15 @@
-"""MLflow mirror of the store: parent run per `posttrain run`, nested run per stage, LoggedModels
-that point at the store, registered versions with an alias, and a back-fill (`sync`).
+"""The MLflow mirror's writer: parent run per `posttrain run`, nested run per stage,
+LoggedModels that point at the store, registered versions with an alias.
 
-The manifests stay the source of truth; MLflow is a view for people and UIs. Every method
-swallows MLflow / connection errors: it warns once on stderr, appends the work to
-``<state_dir>/mlflow_pending.jsonl`` and returns None, so a run completes with MLflow down;
-`sync(store)` replays that file and records every manifest MLflow does not know. That back-fill
-and the registry look-ups are plain functions in artifacts/tracking_sync.py, called by thin
-methods here. mlflow is imported inside methods only (2 s), so importing this module stays cheap.
+The manifests stay the source of truth; MLflow is a view for people and UIs. Every public write
+(start_run, log_stage, finish_run) swallows MLflow / connection errors: it warns once on
+stderr, appends the work to ``<state_dir>/mlflow_pending.jsonl`` and returns None, so a run
+completes with MLflow down. Reading MLflow back (`models:/` URIs, registered versions) and the
+back-fill that replays that file (`posttrain sync`) live in artifacts/tracking_lookup.py, which
+uses this module's public connection (`client`, `mark_down`) and raw writers (`write_*`); this
+module never imports it. mlflow is imported inside methods only (2 s): importing stays cheap.
 
-Run: ``posttrain sync --store .posttrain/store`` (back-fills ``sqlite:///.posttrain/mlflow.db``)
+Run: ``posttrain run recipes/mimo_tiny.yaml`` (writes ``sqlite:///.posttrain/mlflow.db``)
 """
 
 from __future__ import annotations
@@ -27,15 +28,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from artifacts import tracking_sync
-from artifacts.tracking_sync import PENDING, pages
-
+PENDING = "mlflow_pending.jsonl"  # in state_dir: appended to by Tracker, replayed by sync
 ALIAS = "current"  # "latest" is reserved by MLflow's registry
 # A dead server must cost seconds, not MLflow's default 7 retries x 120 s timeout.
 ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_DISABLE_TELEMETRY": "true"}
 RUN_STATUS = {"ok": "FINISHED", "completed": "FINISHED", "success": "FINISHED",
               "failed": "FAILED", "error": "FAILED", "cancelled": "KILLED", "killed": "KILLED"}
+
+
+def pages(fn: Callable[..., Any], *args: Any, **kw: Any) -> list[Any]:
+    """Every item of a paged MLflow search (`fn` takes page_token=): one page silently drops
+    whatever lies beyond MLflow's page size."""
+    out, token = [], None
+    while True:
+        page = fn(*args, page_token=token, **kw)
+        out.extend(page)
+        if not (token := page.token):
+            return out
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -76,12 +86,17 @@ class Tracker:
         for k, v in ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
 
-    # -- plumbing --------------------------------------------------------------------------
-    def _db(self) -> Path | None:
+    # -- the connection: also what artifacts/tracking_lookup.py reads and back-fills through -
+    def db_path(self) -> Path | None:
+        """The sqlite file behind a `sqlite:///` URI (None for a server): look-ups must not
+        create a database just to find it empty."""
         return Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
 
     @contextlib.contextmanager
-    def _client(self) -> Iterator[Any]:
+    def client(self) -> Iterator[Any]:
+        """An MlflowClient under the sqlite file lock; raises at once (ConnectionError) once
+        MLflow is known to be down, so a dead server costs one timeout per process, not one per
+        call."""
         if self.last_error:
             raise ConnectionError(self.last_error)  # known down: do not wait a second time
         u = urlparse(self.uri)
@@ -89,7 +104,7 @@ class Tracker:
             port = u.port or (443 if u.scheme == "https" else 80)
             socket.create_connection((u.hostname, port), timeout=3).close()
         with self._lock, contextlib.ExitStack() as stack:
-            if (db := self._db()) is not None:
+            if (db := self.db_path()) is not None:
                 from filelock import FileLock
 
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +115,9 @@ class Tracker:
 
             yield MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
-    def _fail(self, e: BaseException) -> None:
+    def mark_down(self, e: BaseException) -> None:
+        """Remember that MLflow failed (`last_error`) and warn once, so every later call of
+        this process skips it instead of waiting on it again."""
         if self.last_error is None:
             msg = (str(e).strip().splitlines() or [""])[0][:200]
             self.last_error = f"{type(e).__name__}: {msg}"
@@ -111,10 +128,10 @@ class Tracker:
 
     def _safe(self, op: dict[str, Any], fn: Callable[[Any], Any]) -> Any:
         try:
-            with self._client() as c:
+            with self.client() as c:
                 return fn(c)
         except Exception as e:  # any MLflow / sqlalchemy / network error: never fail the run
-            self._fail(e)
+            self.mark_down(e)
             from filelock import FileLock
 
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +146,7 @@ class Tracker:
             if exp.lifecycle_stage == "deleted":
                 c.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        db = self._db()  # artifacts beside a local db, never in ./mlruns of the cwd
+        db = self.db_path()  # artifacts beside a local db, never in ./mlruns of the cwd
         return c.create_experiment(name, artifact_location=(db.parent / "mlartifacts" / name)
                                    .as_uri() if db else None)
 
@@ -148,10 +165,12 @@ class Tracker:
         """The parent run of one `posttrain run` (experiment = recipe); its MLflow run id."""
         self._run = (recipe, run_id)
         op = {"op": "start_run", "recipe": recipe, "run_id": run_id, "params": params}
-        return self._safe(op, lambda c: self._start(c, recipe, run_id, params))
+        return self._safe(op, lambda c: self.write_run(c, recipe, run_id, params))
 
-    def _start(self, c: Any, recipe: str, run_id: str, params: dict[str, Any],
-               backfilled: bool = False) -> str:
+    def write_run(self, c: Any, recipe: str, run_id: str, params: dict[str, Any],
+                  backfilled: bool = False) -> str:
+        """start_run's work on an open client, raising on error: start_run queues the failure,
+        the back-fill (artifacts/tracking_lookup.py) replays it with the same code."""
         from mlflow.entities import Param
 
         tags = {"posttrain.run_id": run_id, "posttrain.recipe": recipe, "posttrain.role": "run",
@@ -169,11 +188,14 @@ class Tracker:
         run_id = self._run[1] if self._run else manifest.get("run_id")
         op = {"op": "log_stage", "key": manifest["key"], "status": status, "run_id": run_id,
               "parent_run_id": parent_run_id, "store_uri": store_uri}
-        return self._safe(op, lambda c: self._log_stage(c, manifest, status, parent_run_id,
-                                                        store_uri, run_id, payload_dir))
+        return self._safe(op, lambda c: self.write_stage(c, manifest, status, parent_run_id,
+                                                         store_uri, run_id, payload_dir))
 
-    def _log_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
-                   store_uri: str, run_id: str | None, payload_dir: Any = None) -> dict[str, Any]:
+    def write_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
+                    store_uri: str, run_id: str | None, payload_dir: Any = None
+                    ) -> dict[str, Any]:
+        """log_stage's work on an open client, raising on error (also what the back-fill
+        replays, so a back-filled stage looks exactly like one recorded live)."""
         from mlflow import entities as ml
 
         from artifacts.lineage import input_edges  # edge labels exactly as lineage shows them
@@ -276,10 +298,12 @@ class Tracker:
               "parent_run_id": parent_run_id, "summary": summary,
               "figures": {k: str(v) for k, v in figures.items()}}
         if parent_run_id is not None or self.last_error is not None:  # else: tracking was off
-            self._safe(op, lambda c: self._finish(c, parent_run_id, status, summary, figures))
+            self._safe(op, lambda c: self.write_finish(c, parent_run_id, status, summary,
+                                                       figures))
 
-    def _finish(self, c: Any, pid: str, status: str, summary: list[dict[str, Any]],
-                figures: dict[str, Any]) -> None:
+    def write_finish(self, c: Any, pid: str, status: str, summary: list[dict[str, Any]],
+                     figures: dict[str, Any]) -> None:
+        """finish_run's work on an open client, raising on error (replayed by the back-fill)."""
         from artifacts import pictures
 
         with tempfile.TemporaryDirectory() as d:
@@ -289,24 +313,3 @@ class Tracker:
             c.log_metric(pid, f"stages.{st}", sum(r.get("status") == st for r in summary))
         c.set_tag(pid, "posttrain.status", status)
         c.set_terminated(pid, RUN_STATUS.get(status.lower(), status.upper()))
-
-    # -- back-fill and queries: plain functions in artifacts/tracking_sync.py ---------------
-    def sync(self, store: Any) -> int:
-        """Replay the pending file, then record every manifest MLflow does not know (by tag
-        posttrain.key); clears the pending file. Returns how many stages were recorded."""
-        return tracking_sync.sync(self, store)
-
-    def versions_for_keys(self, keys: set[str]) -> list[dict[str, Any]] | None:
-        """Registered model versions whose tag posttrain.key is in `keys` (None if down)."""
-        return tracking_sync.versions_for_keys(self, keys)
-
-    def resolve_model_uri(self, uri: str) -> str:
-        """The store key behind `models:/name@alias`, `models:/name/version` or `models:/m-id`
-        (its tag posttrain.key). Raises store.RefError naming the URI and the fix."""
-        return tracking_sync.resolve_model_uri(self, uri)
-
-
-def resolve_model_uri(uri: str, tracking_uri: str | None = None,
-                      state_dir: str | Path = ".posttrain") -> str:
-    """Module-level Tracker.resolve_model_uri (what flows/plan.py calls for `use:`)."""
-    return Tracker(tracking_uri, state_dir, warn=False).resolve_model_uri(uri)

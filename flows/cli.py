@@ -12,18 +12,21 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from artifacts.refs import StageInputError
-from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
-from flows import provenance_cli
+from artifacts.store import RefError, Store
+from artifacts.tracking_lookup import resolve_ref
+from flows import cli_common, provenance_cli, runners
+from flows.cli_common import REF_HELP, UsageError
 from flows.recipe import RecipeError, parse
 
-
-class UsageError(ValueError):
-    """A bad CLI argument (exit 2)."""
+# Raised for a user's mistake by any command: one `error:` line, exit 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, RefError, StageInputError, UsageError)
+# Commands that run stage code: there an OSError or ValueError may be a bug in training code,
+# whose traceback matters. Elsewhere it is about the user's input (a path, a file): exit 2.
+RUNS_STAGE_CODE = ("run", "stage")
 
 
 def _quiet_env(state_dir: Path) -> None:
@@ -46,22 +49,15 @@ def _quiet_env(state_dir: Path) -> None:
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
-def _add_common(p: argparse.ArgumentParser, sets: bool = True) -> None:
-    p.add_argument("--store", default=DEFAULT_STORE,
-                   help="store URI: a path, file://, memory://, s3://... (default %(default)s)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE, type=Path,
-                   help="local state: Prefect, MLflow sqlite, run logs (default %(default)s)")
-    if sets:
-        p.add_argument("--set", action="append", default=[], metavar="STAGE.PATH=VALUE",
-                       help="override a field, e.g. --set rl_arith.max_steps=120 (repeatable)")
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from flows.plan import plan
 
     recipe = parse(args.recipe, args.set)
     planned = plan(recipe, Store(args.store), set(args.force), args.force_downstream,
                    state_dir=args.state_dir, tracking_uri=getattr(args, "tracking_uri", None))
+    for p in planned:  # the kinds' plan-time warnings (e.g. route_checks: warn)
+        for w in p.spec.warnings:
+            print(f"warning: stage {p.name}: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps([p.as_json() for p in planned], indent=2))
         return 0
@@ -79,14 +75,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UsageError("--max-parallel must be >= 1, e.g. --max-parallel 2")
-    if args.runner not in ("threads", "ray"):
-        raise UsageError(f"--runner {args.runner!r}: use threads or ray")
-    if args.runner == "ray":
-        try:
-            import prefect_ray  # noqa: F401
-        except ImportError:
-            raise UsageError("--runner ray needs prefect-ray: pip install 'posttrain[ray]' "
-                             "(or run with --runner threads)") from None
+    if args.runner not in runners.RUNNERS:
+        raise UsageError(f"--runner {args.runner!r}: use {runners.names()}")
+    try:
+        runners.RUNNERS[args.runner].check()
+    except runners.RunnerUnavailable as e:
+        raise UsageError(str(e)) from None
     recipe = parse(args.recipe, args.set)
     store = Store(args.store)
     planned = plan(recipe, store, set(args.force), args.force_downstream,
@@ -97,66 +91,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         1, cpus // max(1, min((p.spec.resources.cpus for p in todo), default=1)))
     _quiet_env(args.state_dir)
     from flows.board import Board, Display
-    from flows.run import RUNTIME, execute
+    from flows.run import RUNTIME, RunContext, execute
+    from flows.stagefile import StagePlan, StageResult
 
     run_id = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = args.state_dir.absolute() / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker, parent_run = _tracker(args, recipe.name, run_id, planned)
-    ctx: dict[str, Any] = {
-        "run_id": run_id, "recipe": str(Path(recipe.path).absolute()), "store": store.uri,
-        "sets": args.set, "runner": args.runner,
-        "run_dir": str(run_dir), "state_dir": str(args.state_dir.absolute()),
-        "tracking_uri": args.tracking_uri, "parent_run": parent_run,
-        "tracking": "off" if tracker is None else "upload" if args.upload_weights else "on",
-        "plan": {p.name: {"key": p.key, "status": p.status, "reasons": p.reasons,
-                          "parents": p.spec.parents(), "cpus": p.spec.resources.cpus,
-                          "gpus": p.spec.resources.gpus,
-                          "launch": asdict(p.spec.launch) if p.spec.launch.distributed
-                          else None,
-                          "retries": p.spec.retries, "kind": p.spec.kind} for p in planned},
-    }
+    tracker, parent_run = _start_tracking(args, recipe.name, run_id, planned)
+    run = RunContext(
+        run_id=run_id, runner=args.runner, store=store.uri, run_dir=str(run_dir),
+        state_dir=str(args.state_dir.absolute()), tracking_uri=args.tracking_uri,
+        parent_run=parent_run,
+        tracking="off" if tracker is None else "upload" if args.upload_weights else "on")
+    plans = [StagePlan.from_planned(p, recipe) for p in planned]  # one typed plan per stage
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})
     RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id)}
     print(f"run {run_id}: {len(todo)} of {len(planned)} stages to build, "
           f"max {max_parallel} at once", file=sys.stderr)
     with Display(board):
-        execute(recipe.name, ctx, max_parallel, args.runner)
-    results = RUNTIME.pop(run_id).get("results") or [
-        {"stage": p.name, "key": p.key, "status": "failed", "seconds": 0.0,
-         "error": "the flow did not start"} for p in planned]
-    ok = {r["stage"] for r in results if r["status"] in ("trained", "reused")}
+        execute(recipe.name, plans, run, max_parallel)
+    results: list[StageResult] = RUNTIME.pop(run_id).get("results") or [
+        StageResult(p.name, p.key, "failed", 0.0, "the flow did not start") for p in planned]
+    ok = {r.stage for r in results if r.ok}
     write_lock(recipe, planned, ok)
     for p in planned:
         if p.name in ok:
             store.set_ref(recipe.name, p.name, p.key)
     if tracker is not None:
         for r in results:
-            if r["status"] == "reused" and (m := store.manifest(r["key"])):
+            if r.status == "reused" and (m := store.manifest(r.key)):
                 tracker.log_stage(m, "reused", parent_run, store.uri)
         lineage_md, _ = _figures(store, planned, run_id)
-        summary = [dict(r, recipe=recipe.name, kind=next(p.spec.kind for p in planned
-                                                          if p.name == r["stage"]),
-                        eval=((store.manifest(r["key"]) or {}).get("metrics") or {}).get("eval"))
+        summary = [dict(r.row(), recipe=recipe.name, kind=next(p.spec.kind for p in planned
+                                                                if p.name == r.stage),
+                        eval=((store.manifest(r.key) or {}).get("metrics") or {}).get("eval"))
                    for r in results]
         tracker.finish_run(parent_run, "FINISHED" if len(ok) == len(results) else "FAILED",
                            summary, {"lineage.md": lineage_md})
     _print_eval_table(store, planned, ok)
     for r in results:
-        if r["status"] == "failed":
-            print(f"error: stage {r['stage']}: {r.get('error')}", file=sys.stderr)
+        if r.status == "failed":
+            print(f"error: stage {r.stage}: {r.error}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps([r.row() for r in results], indent=2))
     return 0 if len(ok) == len(results) else 1
 
 
-def _tracker(args: argparse.Namespace, recipe: str, run_id: str,
-             planned: list[Any]) -> tuple[Any, str | None]:
-    if args.no_tracking or os.environ.get("POSTTRAIN_TRACKING") == "off":
+def _start_tracking(args: argparse.Namespace, recipe: str, run_id: str,
+                    planned: list[Any]) -> tuple[Any, str | None]:
+    """(Tracker, its parent MLflow run id) for this `posttrain run`, or (None, None) when off."""
+    tracker = cli_common.tracker(args)
+    if tracker is None:
         return None, None
-    from artifacts.tracking import Tracker
-
-    tracker = Tracker(args.tracking_uri, args.state_dir)
     parent = tracker.start_run(recipe, run_id, {"recipe": recipe, "stages": len(planned),
                                                 "sets": " ".join(args.set)})
     return tracker, parent
@@ -195,14 +181,44 @@ def _print_eval_table(store: Store, planned: list[Any], ok: set[str]) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from flows.stage import run_stage
+    """One stage from a plan file (the flow's) or from RECIPE STAGE (by hand: its ancestors
+    are planned, nothing else); rank 0 always writes --result-file, failures included."""
+    from flows import stage as stage_mod
+    from flows.stagefile import StageFileError, StagePlan, StageResult
 
-    result = run_stage(args.recipe, args.stage, args.store, args.set, force=args.force,
-                       run_id=args.run_id, expect_key=args.expect_key, pointer=args.pointer,
-                       progress_file=args.progress_file, state_dir=args.state_dir,
-                       tracking_uri=args.tracking_uri, parent_run=args.parent_run)
-    if result["status"] != "follower":  # one result line per stage, from rank 0
-        print(json.dumps(result))
+    sp: StagePlan | None = None
+    t0 = time.time()
+    try:
+        if args.plan_file:
+            if args.recipe or args.stage or args.set or args.force:
+                raise UsageError("posttrain stage --plan-file: the plan file is the whole plan;"
+                                 " drop RECIPE, STAGE, --set and --force")
+            try:
+                sp = StagePlan.read(args.plan_file)
+            except StageFileError as e:
+                raise UsageError(str(e)) from None
+        elif args.recipe and args.stage:
+            sp = stage_mod.plan_stage(args.recipe, args.stage, Store(args.store), args.set,
+                                      force=args.force, state_dir=args.state_dir,
+                                      tracking_uri=args.tracking_uri)
+        else:
+            raise UsageError("posttrain stage takes RECIPE STAGE (e.g. posttrain stage "
+                             "recipes/mimo_tiny.yaml sft), or --plan-file FILE")
+        result = stage_mod.run_stage(
+            sp, args.store, run_id=args.run_id, expect_key=args.expect_key,
+            pointer=args.pointer, progress_file=args.progress_file, state_dir=args.state_dir,
+            tracking_uri=args.tracking_uri, parent_run=args.parent_run)
+    except (Exception, KeyboardInterrupt) as e:
+        if args.result_file and stage_mod.rank() == 0:
+            msg = (str(e) if isinstance(e, USER_ERRORS) else "interrupted"
+                   if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+            StageResult(sp.name if sp else args.stage or "?", sp.key if sp else "", "failed",
+                        round(time.time() - t0, 3), msg).write(args.result_file)
+        raise
+    if result.status != "follower":  # one result per stage, from rank 0
+        if args.result_file and stage_mod.rank() == 0:  # (every rank reuses a stored key)
+            result.write(args.result_file)
+        print(json.dumps(result.row()))
     return 0
 
 
@@ -227,7 +243,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = Store(args.store)
-    key = store.resolve(args.ref)
+    key = resolve_ref(args.ref, store, args.tracking_uri, args.state_dir)
     m = store.manifest(key) or {}
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
@@ -261,68 +277,67 @@ def build_parser() -> argparse.ArgumentParser:
         prog="posttrain", description="Post-training recipes as content-keyed Prefect DAGs.",
         epilog="example: posttrain plan recipes/mimo_tiny.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"posttrain {cli_common.version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_,
-                              epilog=f"example: {EXAMPLES[name]}")
+    def add(name: str, help_: str, handler: Any, **common: bool) -> argparse.ArgumentParser:
+        return cli_common.add_command(sub, name, help_, EXAMPLES[name], handler, **common)
 
     for name, help_ in (("run", "build every stage that is not in the store (Prefect flow)"),
                         ("plan", "show what `run` would build and why; runs nothing")):
-        p = add(name, help_)
+        p = add(name, help_, cmd_plan if name == "plan" else cmd_run, sets=True, tracking=True)
         p.add_argument("recipe", help="recipe file, e.g. recipes/mimo_tiny.yaml")
-        _add_common(p)
         p.add_argument("--force", action="append", default=[], metavar="STAGE",
                        help="rebuild this stage even if it is in the store (repeatable)")
         p.add_argument("--force-downstream", action="store_true",
                        help="also rebuild every descendant of the --force stages")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default sqlite:///<state-dir>/mlflow.db)")
-        p.set_defaults(func=cmd_plan if name == "plan" else cmd_run)
         if name == "run":
             p.add_argument("--max-parallel", type=int, default=None, metavar="N",
                            help="stages at once (default: CPU count / stage cpus)")
-            p.add_argument("--runner", default="threads", help="threads (default) or ray")
+            p.add_argument("--runner", default="threads",
+                           help=f"where stages run: {runners.names()} (default threads)")
             p.add_argument("--no-tracking", action="store_true", help="skip the MLflow mirror")
             p.add_argument("--upload-weights", action="store_true",
                            help="also upload each model to MLflow (default: a LoggedModel "
                            "that points at the store, no second copy)")
 
-    p = add("stage", "build exactly one stage in this process (what DVC and cluster jobs call)")
-    p.add_argument("recipe")
-    p.add_argument("stage")
-    _add_common(p)
+    p = add("stage", "build exactly one stage in this process (what DVC and cluster jobs call)",
+            cmd_stage, sets=True, tracking=True)
+    p.add_argument("recipe", nargs="?", help="recipe file (or --plan-file)")
+    p.add_argument("stage", nargs="?", help="stage name; its ancestors are planned, no more")
+    p.add_argument("--plan-file", default=None, metavar="FILE",
+                   help="build exactly this StagePlan (what `posttrain run` writes per stage) "
+                   "instead of planning RECIPE STAGE")
+    p.add_argument("--result-file", default=None, metavar="FILE",
+                   help="write the StageResult here (JSON), also when the stage fails")
     p.add_argument("--force", action="store_true", help="rebuild even if stored")
     p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--expect-key", default=None, help=argparse.SUPPRESS)
     p.add_argument("--progress-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pointer", default=None, help="write a small JSON pointer file here (DVC)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    p.set_defaults(func=cmd_stage)
 
-    p = add("ls", "list named artifacts (recipe:stage -> key)")
-    _add_common(p, sets=False)
+    p = add("ls", "list named artifacts (recipe:stage -> key)", cmd_ls)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_ls)
 
-    p = add("show", "print one artifact's manifest")
-    p.add_argument("ref", help="key, key prefix (>= 8 hex) or recipe:stage")
-    _add_common(p, sets=False)
+    p = add("show", "print one artifact's manifest", cmd_show, tracking=True)
+    p.add_argument("ref", metavar="REF", help=REF_HELP)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_show)
 
     provenance_cli.register(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`posttrain ARGV`: the one error guard of every subcommand (user errors: exit 2)."""
     args = build_parser().parse_args(argv)
+    caught = USER_ERRORS if args.command in RUNS_STAGE_CODE else (*USER_ERRORS, OSError,
+                                                                    ValueError)
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, RefError, StageInputError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except caught as e:
+        print(f"error: {cli_common.error_line(e, args.store)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

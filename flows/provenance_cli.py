@@ -1,9 +1,10 @@
 """Provenance subcommands of `posttrain`: lineage, teachers, students, impact, sync, export-dvc,
 verify. flows/cli.py calls `register(subparsers)`; each handler returns the exit code.
 
-User errors (a REF that names nothing, an unreachable MLflow, a bad recipe) print one line on
-stderr naming the value and the fix, and return 2 with no traceback. Only `sync`, `impact` (with
-an MLflow database) and `models:/` REFs import mlflow; the rest answers without it.
+Subcommands are added through flows/cli_common.py like every other, and user errors (a REF that
+names nothing, an unreachable MLflow, a bad recipe) are raised, for flows.cli.main's one guard
+to print as one line and exit 2. Only `sync`, `impact` (with an MLflow database) and `models:/`
+REFs import mlflow; the rest answers without it.
 
 Run: ``posttrain lineage mimo_tiny:final_rl --up`` or ``posttrain impact mimo_tiny:data``
 """
@@ -17,37 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import lineage
-from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
-
-REF_HELP = ("a key, a unique key prefix (>= 8 hex), recipe:stage, or an MLflow model URI "
-            "(models:/NAME@ALIAS, models:/NAME/VERSION)")
-
-
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--store", default=DEFAULT_STORE,
-                   help="store URI: a path, file://, s3://... (default: %(default)s)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE, type=Path,
-                   help="where mlflow.db and the pending MLflow queue live (default: .posttrain)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: sqlite:///<state-dir>/mlflow.db)")
-    return p
+from artifacts.store import Store
+from artifacts.tracking_lookup import Lookup, resolve_ref
+from flows.cli_common import REF_HELP, UsageError, add_command, tracker
 
 
 def register(subparsers: Any) -> None:
     """Add the provenance subcommands to `posttrain`'s argparse subparsers."""
-    common = _common()
 
     def add(name: str, help_: str, example: str, handler: Any, ref: bool = True,
-            json_flag: bool = True) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, parents=[common], help=help_, description=help_,
-                                  epilog=f"example:\n  {example}",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+            json_flag: bool = True, tracking: bool = True) -> argparse.ArgumentParser:
+        p = add_command(subparsers, name, help_, example, handler, tracking=tracking)
         if ref:
             p.add_argument("ref", metavar="REF", help=REF_HELP)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(func=_guard(handler))
         return p
 
     p = add("lineage", "Ancestors (--up, default) or descendants (--down) of an artifact, with "
@@ -71,33 +56,16 @@ def register(subparsers: Any) -> None:
         "http://mlflow:5000", _sync, ref=False)
     p = add("export-dvc", "Write a dvc.yaml whose stages call `posttrain stage` and track small "
             "pointer files, never checkpoints.", "posttrain export-dvc recipes/mimo_tiny.yaml "
-            "--output dvc.yaml && dvc dag", _export_dvc, ref=False, json_flag=False)
+            "--output dvc.yaml && dvc dag", _export_dvc, ref=False, json_flag=False,
+            tracking=False)
     p.add_argument("recipe", metavar="RECIPE", help="path to the recipe .yaml")
     p.add_argument("--output", "-o", default="dvc.yaml", help="dvc.yaml path ('-': stdout)")
     add("verify", "Re-hash an artifact's files against its manifest.",
         "posttrain verify mimo_tiny:sft", _verify)
 
 
-def _guard(handler: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except RefError as e:
-            hint = "" if Store(args.store).keys() else (
-                f" (the store {args.store} is empty: run a recipe first or pass --store)")
-            print(f"error: {e}{hint}", file=sys.stderr)
-        except OSError as e:
-            print(f"error: {e.filename or ''}: {e.strerror or e} (check the path and "
-                  "permissions)", file=sys.stderr)
-        except ValueError as e:  # flows.recipe.RecipeError and friends: already one line
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    run.__name__ = handler.__name__
-    return run
-
-
 def _key(args: argparse.Namespace, store: Store) -> str:
-    return lineage.resolve(store, args.ref, args.tracking_uri, args.state_dir)
+    return resolve_ref(args.ref, store, args.tracking_uri, args.state_dir)
 
 
 def _emit(text: str, output: str | None = None) -> None:
@@ -154,20 +122,11 @@ def _students(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracker(args: argparse.Namespace, create: bool) -> Any:
-    """A Tracker, or None when there is no MLflow to ask (never create a db for a query)."""
-    if not create and args.tracking_uri is None and not (args.state_dir / "mlflow.db").exists():
-        return None
-    from artifacts.tracking import Tracker
-
-    return Tracker(args.tracking_uri, args.state_dir, warn=False)
-
-
 def _impact(args: argparse.Namespace) -> int:
     store = Store(args.store)
     key = _key(args, store)
-    tracker = _tracker(args, create=False)
-    rep = lineage.impact(store, key, tracker)
+    mlflow = tracker(args, create=False, warn=False)
+    rep = lineage.impact(store, key, Lookup(mlflow) if mlflow else None)
     if args.json:
         _emit(json.dumps(rep, indent=2, default=str))
         return 0
@@ -188,21 +147,23 @@ def _impact(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    tracker = _tracker(args, create=True)
-    n = tracker.sync(Store(args.store))
-    if tracker.last_error:
-        print(f"error: MLflow at {tracker.uri} is unreachable ({tracker.last_error}); start it "
-              "or pass --tracking-uri, then run `posttrain sync` again", file=sys.stderr)
-        return 2
+    mlflow = tracker(args, warn=False)
+    if mlflow is None:
+        raise UsageError("MLflow tracking is off (POSTTRAIN_TRACKING=off): unset it to sync")
+    lookup = Lookup(mlflow)
+    n = lookup.sync(Store(args.store))
+    if lookup.last_error:
+        raise UsageError(f"MLflow at {lookup.uri} is unreachable ({lookup.last_error}); start "
+                         "it or pass --tracking-uri, then run `posttrain sync` again")
     if args.json:
-        _emit(json.dumps({"recorded": n, "tracking_uri": tracker.uri}))
+        _emit(json.dumps({"recorded": n, "tracking_uri": lookup.uri}))
     else:
-        print(f"recorded {n} stage run(s) in MLflow at {tracker.uri}")
+        print(f"recorded {n} stage run(s) in MLflow at {lookup.uri}")
     return 0
 
 
 def _export_dvc(args: argparse.Namespace) -> int:
-    from artifacts import dvc_export
+    from flows import dvc_export
     from flows.recipe import parse
 
     recipe = parse(args.recipe)

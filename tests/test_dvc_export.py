@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from artifacts import dvc_export
 from artifacts.keys import PROJECT_ROOT
-from flows import provenance_cli
+from flows import cli, dvc_export
 from flows.recipe import StageSpec
 
 SPINE = PROJECT_ROOT / "tests" / "recipes" / "spine_tiny.yaml"
@@ -152,7 +151,8 @@ def test_dvc_status_names_edited_stage_and_descendants(tmp_path: Path) -> None:
 
 
 class _Built:
-    """A store holding exactly `keys` (all `plan` asks of a store is `has`)."""
+    """A store holding exactly `keys` and no refs (`plan` asks a store `has`, and `resolve`
+    for a `recipe:stage` ref when the lock has no entry to explain a change against)."""
 
     def __init__(self, keys: set[str]) -> None:
         self.keys = keys
@@ -160,20 +160,21 @@ class _Built:
     def has(self, key: str) -> bool:
         return key in self.keys
 
+    def resolve(self, ref: str) -> str:
+        from artifacts.store import RefError
+
+        raise RefError(f"no ref {ref!r}")
+
 
 def test_cli_export(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\nstages:\n  data:\n    kind: data\n    domains: [arith]\n"
                       "  base:\n    kind: base\n")
     out = tmp_path / "out" / "dvc.yaml"
-    parser = argparse.ArgumentParser(prog="posttrain")
-    provenance_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export-dvc", str(recipe), "--output", str(out)])
-    assert args.func(args) == 0
+    assert cli.main(["export-dvc", str(recipe), "--output", str(out)]) == 0
     doc = yaml.safe_load(out.read_text())
     assert set(doc["stages"]) == {"data", "base"}
     data = doc["stages"]["data"]  # paths relative to dvc.yaml
     assert data["params"] == [{"../r.yaml": ["stages.data"]}]
     assert data["cmd"].startswith("posttrain stage ../r.yaml data --store ")
-    args = parser.parse_args(["export-dvc", str(tmp_path / "missing.yaml")])
-    assert args.func(args) == 2
+    assert cli.main(["export-dvc", str(tmp_path / "missing.yaml")]) == 2

@@ -5,7 +5,6 @@ Run: ``.venv/bin/python -m pytest tests/test_tracking.py -q``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,7 +23,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from artifacts import lineage  # noqa: E402
 from artifacts.store import RefError, Store  # noqa: E402
 from artifacts.tracking import PENDING, Tracker, flatten  # noqa: E402
-from flows import provenance_cli  # noqa: E402
+from artifacts.tracking_lookup import Lookup, resolve_ref  # noqa: E402
+from flows import cli as posttrain  # noqa: E402
 
 STAGES = ["data", "sft", "rl_arith", "rl_reverse", "mopd_r1", "mopd"]
 
@@ -96,7 +96,7 @@ def test_flatten() -> None:
                                                               "d": "x"}
 
 
-def test_mirror_on_sqlite(tmp_path: Path) -> None:
+def test_mirror_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store, k = make_store(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tr = Tracker(uri, tmp_path / "state")
@@ -137,10 +137,12 @@ def test_mirror_on_sqlite(tmp_path: Path) -> None:
     # Registered versions with an alias, resolvable back to store keys.
     mv = c.get_model_version_by_alias("mimo_tiny.mopd", "current")
     assert mv.tags["posttrain.key"] == k["mopd"]
-    assert tr.resolve_model_uri("models:/mimo_tiny.mopd@current") == k["mopd"]
-    assert lineage.resolve(store, "models:/mimo_tiny.sft/1", uri) == k["sft"]
+    assert Lookup(tr).resolve_model_uri("models:/mimo_tiny.mopd@current") == k["mopd"]
+    assert resolve_ref("models:/mimo_tiny.sft/1", store, uri) == k["sft"]
     with pytest.raises(RefError, match="nope"):
-        tr.resolve_model_uri("models:/mimo_tiny.nope@current")
+        Lookup(tr).resolve_model_uri("models:/mimo_tiny.nope@current")
+    with pytest.raises(RefError, match="not in"):  # registered, but not in this store
+        resolve_ref("models:/mimo_tiny.sft/1", Store(tmp_path / "other"), uri)
     # A second recipe reusing a teacher: a link-only run under its own parent.
     tr_b = Tracker(uri, tmp_path / "state")
     pid_b = tr_b.start_run("team_b", "run-b", {})
@@ -151,10 +153,15 @@ def test_mirror_on_sqlite(tmp_path: Path) -> None:
     assert [i.model_id for i in link.inputs.model_inputs] == [got["model_id"]]
     assert c.get_experiment(link.info.experiment_id).name == "team_b"
     # impact reports the registered versions that point downstream of a teacher.
-    rep = lineage.impact(store, k["rl_arith"], tr)
+    rep = lineage.impact(store, k["rl_arith"], Lookup(tr))
     assert {v["name"] for v in rep["registered_versions"]} == {
         "mimo_tiny.rl_arith", "mimo_tiny.mopd_r1", "mimo_tiny.mopd"}
     assert not (tmp_path / "state" / PENDING).exists()
+    # `show` takes every REF the other commands take (one resolver), models:/ included.
+    capsys.readouterr()
+    assert cli(["show", "models:/mimo_tiny.mopd@current", "--json", "--store", store.uri,
+                "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == k["mopd"]
     # upload=True copies the payload next to the MLmodel file (default: the store only).
     up = Tracker(uri, tmp_path / "state", upload=True).log_stage(
         store.manifest(k["sft"]), "trained", None, store.uri)
@@ -165,10 +172,8 @@ def test_mirror_on_sqlite(tmp_path: Path) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="posttrain")
-    provenance_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`posttrain ARGV` through the real entry point (its one error guard included)."""
+    return posttrain.main(argv)
 
 
 def test_unreachable_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -208,4 +213,4 @@ def test_unreachable_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert "lineage.md" in {a.path for a in c.list_artifacts(parent.info.run_id)}
     student = runs_by_stage(c, "team_b")  # never in the pending file: back-filled from store
     assert student["student"].data.tags["posttrain.input.teacher.arith"] == k["rl_arith"]
-    assert Tracker(uri, state).sync(store) == 0
+    assert Lookup(Tracker(uri, state)).sync(store) == 0

@@ -54,6 +54,15 @@ def _kind_code_files(kind: str) -> list[str]:
     return [str(PROJECT_ROOT / rel) for rel, _ in code_files(KINDS[kind])]
 
 
+def _kind_data_files(kind: str, config: dict[str, Any]) -> dict[str, str]:
+    """The user files a stage's key digests: the kind's `data_files` hook (tasks/kind.py)."""
+    from tasks import KINDS
+    from tasks.kind import spec
+
+    files_of = spec(kind).hooks.get("data_files") if kind in KINDS else None
+    return dict(files_of(config)) if files_of else {}
+
+
 def _get(doc: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         doc = doc.get(part) if isinstance(doc, dict) else None
@@ -80,7 +89,7 @@ def stages_from_recipe(recipe: Any) -> list[dict[str, Any]]:
             # foreach, ${var} and {domain}-style placeholders all read `vars`.
             if "foreach" in body or re.search(r"\$\{|\{\w+\}", yaml.safe_dump(body)):
                 params.append("vars")
-        data = [s.config["path"]] if s.kind == "data" and s.config.get("path") else []
+        data = list(_kind_data_files(s.kind, s.config).values())
         out.append({"name": s.name, "kind": s.kind, "parents": list(s.parents()),
                     "code_files": _kind_code_files(s.kind), "data_files": data,
                     "params": params})
