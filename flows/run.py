@@ -1,37 +1,39 @@
 """The Prefect flow: one task per stage, submitted with `wait_for` its parents. Wiring only.
 
-Each task launches `posttrain stage RECIPE STAGE` as a child process (shared/DESIGN.md, "One
-stage, one process"): the flow process stays light, a crash or OOM in one stage cannot take
-down its siblings, and torch threads are set per stage from `resources.cpus`. A stage whose key
-is in the store is reused without starting a process. At most `max_parallel` stages run at
-once, and never more CPU threads than the machine has (unless --max-parallel asks for more).
-A stage with `launch: {processes: N}` starts under torchrun (or `accelerate launch` with its
-config file); with the Ray runner each task reserves its stage's CPUs and GPUs in Ray instead.
+Each task writes its stage's plan, `<run dir>/<stage>.plan.json` (flows/stagefile.py), and
+launches `posttrain stage --plan-file ... --result-file ...` as a child process (shared/DESIGN.md,
+"One stage, one process"): the flow process stays light, a crash or OOM in one stage cannot take
+down its siblings, and torch threads are set per stage from `resources.cpus`. The child's result
+file says how the stage ended, its own error message included; a child killed before it could
+write one is known by its signal. A stage whose key is in the store is reused without starting
+a process. Where tasks run and what they hold is the runner's (flows/runners.py): threads keep
+at most `max_parallel` stages, and never more CPU threads than the machine has, in this process;
+Ray places each task with its stage's CPUs and GPUs. A stage with `launch: {processes: N}`
+starts under torchrun (or `accelerate launch` with its config file).
 
 Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.board import Board
+from flows.runners import RUNNERS, Runner, cores
+from flows.stagefile import StageFileError, StagePlan, StageResult
 
-# Per-run objects that cannot travel as task parameters (locks, the live board): keyed by run id.
+# Per-run objects that cannot travel as task parameters (locks, the live board, the runner with
+# its CPU slots): keyed by run id. A task that runs elsewhere (a Ray worker) finds none here.
 RUNTIME: dict[str, dict[str, Any]] = {}
 
 
@@ -39,36 +41,18 @@ class StageFailed(RuntimeError):
     """A stage's child process failed; the message is the stage's own error."""
 
 
-class Slots:
-    """Counting semaphore over CPU threads and concurrent stages."""
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage task of one run shares; plain values, so it travels to Ray workers."""
 
-    def __init__(self, cpus: int, stages: int) -> None:
-        self.cpus, self.stages = cpus, stages
-        self.cond = threading.Condition()
-
-    def take(self, n: int) -> None:
-        n = min(n, self.cpus)
-        with self.cond:
-            self.cond.wait_for(lambda: self.cpus >= n and self.stages >= 1)
-            self.cpus -= n
-            self.stages -= 1
-
-    def give(self, n: int, total: int) -> None:
-        with self.cond:
-            self.cpus += min(n, total)
-            self.stages += 1
-            self.cond.notify_all()
-
-
-def _child_error(log: Path, rc: int) -> str:
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    if errors:
-        return errors[-1][len("error:"):].strip()
-    if rc < 0:
-        return f"killed by signal {signal.Signals(-rc).name}"
-    tail = [ln for ln in lines if ln.strip()][-1:] or ["(no output)"]
-    return f"exit code {rc}: {tail[0]}"
+    run_id: str
+    runner: str  # a name in flows.runners.RUNNERS
+    store: str  # store URI
+    run_dir: str  # <state dir>/runs/<run id>: plan, result, log and progress files
+    state_dir: str
+    tracking: str = "on"  # POSTTRAIN_TRACKING for the children: on | off | upload
+    tracking_uri: str | None = None
+    parent_run: str | None = None
 
 
 class _NoBoard:
@@ -78,84 +62,104 @@ class _NoBoard:
         pass
 
 
-def launch_stage(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def launch_stage(sp: StagePlan, run: RunContext) -> StageResult:
     """One stage as a child process (the body of `stage_task`)."""
-    # In the flow's process (threads runner) the live board and CPU slots are here; in a Ray
-    # worker they are not, and Ray itself holds the stage's CPUs (remote_options at submit).
-    rt = RUNTIME.get(ctx["run_id"])
+    rt = RUNTIME.get(run.run_id)
     board: Any = rt["board"] if rt else _NoBoard()
-    p = ctx["plan"][name]
-    if p["status"] == "fresh":
-        board.update(name, state="reused")
-        return {"stage": name, "key": p["key"], "status": "reused", "seconds": 0.0}
-    slots: Slots | None = rt["slots"] if rt else None
-    cpus, ranks = _cores(p)
-    if slots:
-        slots.take(cpus)
+    # In a Ray worker the run's runner is not here: a fresh one, which holds nothing, launches.
+    runner: Runner = rt["runner"] if rt else RUNNERS[run.runner]()
+    if sp.status == "fresh":
+        board.update(sp.name, state="reused")
+        return StageResult(sp.name, sp.key, "reused", 0.0)
+    runner.reserve(sp)
     try:
-        run_dir = Path(ctx["run_dir"])
-        log, progress = run_dir / f"{name}.log", run_dir / f"{name}.progress.jsonl"
-        cmd = [*_launcher(p), "-m", "flows.cli", "stage", ctx["recipe"], name,
-               "--store", ctx["store"], "--run-id", ctx["run_id"], "--expect-key", p["key"],
-               "--progress-file", str(progress), "--state-dir", ctx["state_dir"]]
-        for s in ctx["sets"]:
-            cmd += ["--set", s]
-        if "forced" in p["reasons"]:
-            cmd.append("--force")
-        if ctx.get("tracking_uri"):
-            cmd += ["--tracking-uri", ctx["tracking_uri"]]
-        if ctx.get("parent_run"):
-            cmd += ["--parent-run", ctx["parent_run"]]
+        files = {x: Path(run.run_dir) / f"{sp.name}.{x}"
+                 for x in ("plan.json", "result.json", "log", "progress.jsonl")}
+        sp.write(files["plan.json"])  # here, where the child runs (a Ray node, maybe)
+        files["result.json"].unlink(missing_ok=True)  # a retry's result is its own
+        cmd = [*_launcher(sp), "-m", "flows.cli", "stage", "--plan-file", str(files["plan.json"]),
+               "--result-file", str(files["result.json"]), "--store", run.store,
+               "--run-id", run.run_id, "--progress-file", str(files["progress.jsonl"]),
+               "--state-dir", run.state_dir]
+        if run.tracking_uri:
+            cmd += ["--tracking-uri", run.tracking_uri]
+        if run.parent_run:
+            cmd += ["--parent-run", run.parent_run]
+        cpus, ranks = cores(sp)
         threads = str(max(1, min(cpus, os.cpu_count() or 1) // ranks))
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-                   POSTTRAIN_TRACKING=ctx["tracking"])
-        board.update(name, state="running", started=time.time(), progress_file=str(progress))
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
-        if proc.returncode != 0:
-            msg = _child_error(log, proc.returncode)
-            board.update(name, state="failed", ended=time.time(), error=msg)
-            raise StageFailed(f"stage {name}: {msg} (log: {log})")
-        result = _result_line(proc.stdout, name)
-        board.update(name, state=result["status"], ended=time.time())
+                   POSTTRAIN_TRACKING=run.tracking)
+        board.update(sp.name, state="running", started=time.time(),
+                     progress_file=str(files["progress.jsonl"]))
+        rc = runner.launch(cmd, env, files["log"])
+        result = _outcome(sp, rc, files["result.json"], files["log"])
+        if result.status == "failed":
+            board.update(sp.name, state="failed", ended=time.time(), error=result.error)
+            raise StageFailed(f"stage {sp.name}: {result.error} (log: {files['log']})")
+        board.update(sp.name, state=result.status, ended=time.time())
         return result
     finally:
-        if slots and rt:
-            slots.give(cpus, rt["slots_total"])
+        runner.release(sp)
 
 
-def wire(recipe_name: str, ctx: dict[str, Any]) -> Any:
+def _outcome(sp: StagePlan, rc: int, result_file: Path, log: Path) -> StageResult:
+    """How the child ended: its result file; else (killed before writing it) its return code."""
+    result = None
+    try:
+        result = StageResult.read(result_file) if result_file.exists() else None
+    except StageFileError:
+        pass
+    if result is not None and (rc == 0 or result.status == "failed"):
+        return result
+    if rc < 0:
+        try:
+            error = f"killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            error = f"killed by signal {-rc}"
+    else:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        tail = [ln for ln in lines if ln.strip()][-1:] or ["(no output)"]
+        what = "without a result file" if result is None else f"after reporting {result.status}"
+        error = f"exit code {rc} {what}: {tail[0]}"
+    return StageResult(sp.name, sp.key, "failed", 0.0, error)
+
+
+def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
     """The flow's body: submit every stage after its parents, collect results and failures."""
+    rt = RUNTIME[run.run_id]
+    runner: Runner = rt["runner"]
     futures: dict[str, Any] = {}
-    for name, p in ctx["plan"].items():
-        task_ = stage_task.with_options(name=f"{recipe_name}:{name}", retries=p["retries"],
-                                        task_run_name=name)
-        with _resources(ctx["runner"], p):
-            futures[name] = task_.submit(name, ctx, wait_for=[futures[x] for x in p["parents"]])
-    board: Board = RUNTIME[ctx["run_id"]]["board"]
-    results, failures = [], []
-    for name, fut in futures.items():
+    for sp in plans:
+        task_ = stage_task.with_options(name=f"{recipe_name}:{sp.name}", retries=sp.retries,
+                                        task_run_name=sp.name)
+        with runner.submit_options(sp):
+            futures[sp.name] = task_.submit(sp, run,
+                                            wait_for=[futures[x] for x in sp.parent_stages()])
+    board: Board = rt["board"]
+    results: list[StageResult] = []
+    failures = []
+    for sp in plans:
+        fut = futures[sp.name]
         fut.wait()
         state = fut.state
         if state.is_completed():
             results.append(fut.result())
-            if ctx["runner"] != "threads":  # the task ran elsewhere: mirror it on our board
-                board.update(name, state=results[-1]["status"], ended=time.time())
+            if runner.mirrors_board:  # the task ran elsewhere: mirror it on our board
+                board.update(sp.name, state=results[-1].status, ended=time.time())
             continue
-        err = board.get(name).get("error")
+        err = board.get(sp.name).get("error")
         if state.is_failed():
-            err = err or _stage_error(name, state)
+            err = err or _stage_error(sp.name, state)
         if state.is_failed() and err:
-            board.update(name, state="failed", error=err)
-            failures.append(f"stage {name}: {err}")
+            board.update(sp.name, state="failed", error=err)
+            failures.append(f"stage {sp.name}: {err}")
         else:
             err = "not run: an upstream stage failed"
-            board.update(name, state="failed", error=err)
-        results.append({"stage": name, "key": ctx["plan"][name]["key"], "status": "failed",
-                        "seconds": 0.0, "error": err})
-    RUNTIME[ctx["run_id"]]["results"] = results
-    _post_artifacts(ctx)
+            board.update(sp.name, state="failed", error=err)
+        results.append(StageResult(sp.name, sp.key, "failed", 0.0, err))
+    rt["results"] = results
+    _post_artifacts(run.run_id)
     if failures:
         # A Failed state, not an exception: the flow run fails with the stages' own messages,
         # without a Python traceback in the user's terminal.
@@ -165,46 +169,22 @@ def wire(recipe_name: str, ctx: dict[str, Any]) -> Any:
 
 # Plain module-level functions under the task and the flow: Ray pickles them by reference (a
 # decorated function's name would point at the Task / Flow object, forcing by-value pickling of
-# their globals, RUNTIME's locks included).
+# their globals, RUNTIME's locks included). Their parameters are plain values for the same
+# reason (a StagePlan, a RunContext); the runner and the board stay in RUNTIME.
 stage_task = task(launch_stage, cache_policy=NO_CACHE, persist_result=False)
 recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=False)
 
 
-def _cores(p: dict[str, Any]) -> tuple[int, int]:
-    """(CPU cores to hold, ranks) for a planned stage: at least one core per rank."""
-    ranks = p["launch"]["processes"] if p.get("launch") else 1
-    return max(p["cpus"], ranks), ranks
-
-
-def _launcher(p: dict[str, Any]) -> list[str]:
+def _launcher(sp: StagePlan) -> list[str]:
     """The command prefix that starts a stage: python, torchrun or accelerate launch."""
-    launch = p.get("launch")
-    if not launch:
+    n, accelerate = sp.launch.get("processes", 1), sp.launch.get("accelerate")
+    if n == 1 and not accelerate:
         return [sys.executable]
-    n = str(launch["processes"])
-    if launch["accelerate"]:
+    if accelerate:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                launch["accelerate"], "--num_processes", n]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n]
-
-
-def _result_line(stdout: str, name: str) -> dict[str, Any]:
-    """The stage's JSON result: the last stdout line that is one (launchers may print too)."""
-    for line in reversed(stdout.strip().splitlines()):
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if isinstance(row, dict) and row.get("stage") == name:
-                return row
-    raise StageFailed(f"stage {name}: no result line on stdout: {stdout[-300:]!r}")
-
-
-def _resources(runner: str, p: dict[str, Any]) -> Any:
-    """Ray: reserve the stage's CPUs and GPUs for its task; threads: Slots do it in-process."""
-    if runner != "ray":
-        return contextlib.nullcontext()
-    from prefect_ray.context import remote_options
-
-    return remote_options(num_cpus=_cores(p)[0], num_gpus=p.get("gpus", 0))
+                accelerate, "--num_processes", str(n)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(n)]
 
 
 def _stage_error(name: str, state: Any) -> str | None:
@@ -216,12 +196,12 @@ def _stage_error(name: str, state: Any) -> str | None:
     return text.strip() or None
 
 
-def _post_artifacts(ctx: dict[str, Any]) -> None:
+def _post_artifacts(run_id: str) -> None:
     """Lineage graph + eval table on the flow run's Artifacts tab (best effort)."""
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        lineage_md, rows = RUNTIME[ctx["run_id"]]["figures_fn"]()
+        lineage_md, rows = RUNTIME[run_id]["figures_fn"]()
         if lineage_md:
             create_markdown_artifact(lineage_md, key="posttrain-lineage",
                                      description="Lineage of this run")
@@ -231,25 +211,16 @@ def _post_artifacts(ctx: dict[str, Any]) -> None:
         print(f"warning: could not post Prefect artifacts: {e}", file=sys.stderr)
 
 
-def execute(recipe_name: str, ctx: dict[str, Any], max_parallel: int, runner: str) -> Any:
-    """Run the flow with the chosen task runner; returns the flow's final state.
+def execute(recipe_name: str, plans: list[StagePlan], run: RunContext,
+            max_parallel: int) -> Any:
+    """Run the flow on `run.runner`; returns the flow's final state.
 
-    RUNTIME[ctx["run_id"]] must hold "board" and "figures_fn" () -> (lineage markdown, eval
-    rows) beforehand; the
-    results land in RUNTIME[ctx["run_id"]]["results"].
+    RUNTIME[run.run_id] must hold "board" and "figures_fn" () -> (lineage markdown, eval rows)
+    beforehand; the StageResults land in RUNTIME[run.run_id]["results"], in plan order.
     """
-    slots_total = max(os.cpu_count() or 1, max_parallel)
-    RUNTIME[ctx["run_id"]].update(slots=Slots(slots_total, max_parallel),
-                                  slots_total=slots_total)
-    if runner == "ray":
-        from prefect_ray import RayTaskRunner  # optional extra: pip install posttrain[ray]
-
-        # RAY_ADDRESS (or `ray start` on this node) joins a cluster; otherwise a local Ray
-        # instance is started for the run and stopped after it.
-        joins = bool(os.environ.get("RAY_ADDRESS"))
-        task_runner: Any = RayTaskRunner(init_kwargs={} if joins else {
-            "include_dashboard": False, "num_cpus": slots_total, "log_to_driver": False})
-    else:
-        task_runner = ThreadPoolTaskRunner(max_workers=max(len(ctx["plan"]), 1))
-    f = recipe_flow.with_options(task_runner=task_runner, flow_run_name=ctx["run_id"])
-    return f(recipe_name, ctx, return_state=True)
+    cpus = max(os.cpu_count() or 1, max_parallel)
+    runner = RUNNERS[run.runner](cpus, max_parallel)
+    RUNTIME[run.run_id]["runner"] = runner
+    f = recipe_flow.with_options(task_runner=runner.task_runner(len(plans)),
+                                 flow_run_name=run.run_id)
+    return f(recipe_name, plans, run, return_state=True)

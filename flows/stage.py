@@ -1,18 +1,22 @@
-"""Run exactly one stage in this process: `posttrain stage RECIPE STAGE`.
+"""Run exactly one stage in this process: `posttrain stage`.
 
 This is the unit that every scheduler wraps: the Prefect flow launches it as a child process
 per stage, a DVC stage calls it, a Kubernetes job or `accelerate launch` runs it on a cluster.
-It recomputes the stage's key from the recipe, resolves its inputs in the store (they must be
-there already), builds the payload in a staging directory, writes the manifest last, points
+Its input is one `StagePlan` (flows/stagefile.py): the flow's plan file (`--plan-file`), built
+as planned without re-reading the recipe, or, by hand (`posttrain stage RECIPE STAGE`), the plan
+of that stage and its ancestors only. Either way the same code builds it: it refuses if the
+stage's code changed since it was planned, resolves its inputs in the store (they must be there
+already), builds the payload in a staging directory, writes the manifest last, points
 `refs/<recipe>/<stage>` at the key and mirrors the stage to MLflow (never fatal). Under a
-launcher (`launch: {processes: N}`), every rank trains; rank 0 alone locks, publishes and
-tracks, and the rank count must match the recipe's.
+launcher (`launch: {processes: N}`), every rank reads the same plan and trains; rank 0 alone
+locks, publishes, tracks and writes the `StageResult`, and the rank count must match the plan's.
 
 Fault injection for tests (documented, inert unless set): POSTTRAIN_FAULT="<stage>:kill" kills
 the process with SIGKILL as the stage starts; "<stage>:kill-before-manifest" kills it after the
 payload is in place and before the manifest is written.
 
-Run: ``posttrain stage recipes/mimo_tiny.yaml sft``
+Run: ``posttrain stage recipes/mimo_tiny.yaml sft``; the flow runs
+``posttrain stage --plan-file RUN/sft.plan.json --result-file RUN/sft.result.json``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Any
 from artifacts import manifest as manifest_mod
 from artifacts.refs import ArtifactRef, Inputs, StageInputError
 from artifacts.store import Store, atomic_write
-from flows.plan import PlannedStage, plan
+from flows.plan import PlannedStage, plan, upstream
 from flows.recipe import RecipeError, parse
+from flows.stagefile import StagePlan, StageResult
 
 
 class ProgressWriter:
@@ -73,16 +78,17 @@ def _ref(store: Store, key: str) -> ArtifactRef:
                        stage=m.get("stage", "?"), recipe=m.get("recipe", "?"), manifest=m)
 
 
-def _inputs(ps: PlannedStage, store: Store, recipe_file: str) -> tuple[Inputs, dict[str, Any]]:
+def _inputs(sp: StagePlan, store: Store) -> tuple[Inputs, dict[str, Any]]:
     refs: dict[str, Any] = {}
     edges: dict[str, Any] = {}
-    for role, value in ps.input_keys.items():
+    recipe_file = sp.recipe_file
+    for role, value in sp.input_keys.items():
         pairs = value.items() if isinstance(value, dict) else [(None, value)]
         for sub, key in pairs:
-            parent = ps.spec.inputs[role][sub] if sub else ps.spec.inputs[role]
+            parent = (sp.parents[role][sub] if sub else sp.parents[role])["stage"]
             if not store.has(key):
                 raise StageInputError(
-                    f"{recipe_file}: stage {ps.name!r}: its input {role}{'.' + sub if sub else ''}"
+                    f"{recipe_file}: stage {sp.name!r}: its input {role}{'.' + sub if sub else ''}"
                     f" (stage {parent!r}, key {key[:12]}) is not in the store {store.uri}; build "
                     f"it first: posttrain run {recipe_file}")
             ref = _ref(store, key)
@@ -97,62 +103,68 @@ def _inputs(ps: PlannedStage, store: Store, recipe_file: str) -> tuple[Inputs, d
 
 
 def _sft_root(ps: PlannedStage, inputs: Inputs) -> str | None:
-    if ps.spec.kind == "sft":
+    """This stage's key if its kind starts an SFT lineage, else its init's sft_root."""
+    from tasks.kind import spec
+
+    if spec(ps.spec.kind).starts_lineage:
         return ps.key
     return inputs.init.sft_root if inputs.init else None
 
 
-def ranks(ps: PlannedStage) -> tuple[int, int]:
+def rank() -> int:
+    """This process's rank under a launcher (0 without one): rank 0 reports the result."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def ranks(sp: StagePlan) -> tuple[int, int]:
     """(rank, world size) of this process, checked against the stage's `launch.processes`."""
-    rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = ps.spec.launch.processes
+    want = int(sp.launch.get("processes", 1))
     if world != want:
         how = (f"torchrun --nproc_per_node {want} -m flows.cli stage ..." if want > 1
                else "posttrain stage ... without a launcher")
         raise StageInputError(
-            f"stage {ps.name!r} declares launch.processes {want} but runs as {world} process(es);"
+            f"stage {sp.name!r} declares launch.processes {want} but runs as {world} process(es);"
             f" start it with `posttrain run` (which launches it), or as {how}")
-    return rank, world
+    return rank(), world
 
 
-def _module(ps: PlannedStage, world: int) -> Any:
+def _module(sp: StagePlan, world: int) -> Any:
     """The stage's task module, with torch threads set per rank before any work."""
     from tasks import module_for
 
-    module = module_for(ps.spec.kind)
+    module = module_for(sp.kind)
     if module.PRODUCES == "model":
         import torch
 
-        torch.set_num_threads(max(1, ps.spec.resources.cpus // world))
+        torch.set_num_threads(max(1, int(sp.resources.get("cpus", 1)) // world))
     return module
 
 
-def _follow(ps: PlannedStage, inputs: Inputs, world: int, t0: float) -> dict[str, Any]:
+def _follow(sp: StagePlan, inputs: Inputs, world: int, t0: float) -> StageResult:
     """A rank > 0 of a data-parallel stage: trains beside rank 0, keeps and publishes nothing
     (rank 0 holds the key's lock, writes the artifact, the ref and the MLflow mirror)."""
     import tempfile
 
-    module = _module(ps, world)
-    with tempfile.TemporaryDirectory(prefix=f"posttrain-{ps.name}-rank") as scratch:
-        module.run(module.Config(**ps.spec.config), inputs, Path(scratch))
-    return {"stage": ps.name, "key": ps.key, "status": "follower",
-            "seconds": round(time.time() - t0, 3)}
+    module = _module(sp, world)
+    with tempfile.TemporaryDirectory(prefix=f"posttrain-{sp.name}-rank") as scratch:
+        module.run(module.Config(**sp.config), inputs, Path(scratch))
+    return StageResult(sp.name, sp.key, "follower", round(time.time() - t0, 3))
 
 
-def write_pointer(path: str | None, store: Store, ps: PlannedStage, recipe: str) -> None:
+def write_pointer(path: str | None, store: Store, ps: StagePlan | PlannedStage,
+                  recipe: str) -> None:
     """A small JSON file standing for the artifact (what DVC tracks instead of checkpoints)."""
     if path:
         atomic_write(Path(path), json.dumps({"key": ps.key, "store": store.uri, "recipe": recipe,
                                              "stage": ps.name}, indent=2) + "\n")
 
 
-def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
-              force: bool = False, run_id: str | None = None, expect_key: str | None = None,
-              pointer: str | None = None, progress_file: str | None = None,
-              state_dir: Path = Path(".posttrain"), tracking_uri: str | None = None,
-              parent_run: str | None = None) -> dict[str, Any]:
-    """Build one stage (or reuse it); returns {"stage", "key", "status", "seconds"}."""
+def plan_stage(recipe_file: str, stage: str, store: Store, sets: list[str], *,
+               force: bool = False, state_dir: Path = Path(".posttrain"),
+               tracking_uri: str | None = None) -> StagePlan:
+    """`posttrain stage RECIPE STAGE` by hand: plan the stage from its ancestors only, so an
+    unrelated stage (a missing `use:` pin, a slow data digest) neither costs nor blocks it."""
     recipe = parse(recipe_file, sets)
     if stage not in recipe.stages:
         from flows.recipe import closest
@@ -160,65 +172,101 @@ def run_stage(recipe_file: str, stage: str, store_uri: str, sets: list[str], *,
         raise RecipeError(recipe_file, f"stage {stage}", f"no such stage"
                           f"{closest(stage, tuple(recipe.stages))}; stages: "
                           f"{', '.join(recipe.stages)}")
-    store = Store(store_uri)
+    recipe = upstream(recipe, {stage})
     ps = next(p for p in plan(recipe, store, force={stage} if force else set(),
                               state_dir=state_dir, tracking_uri=tracking_uri)
               if p.name == stage)
-    if expect_key and expect_key != ps.key:
-        raise StageInputError(f"stage {stage!r}: key {ps.key[:12]} differs from the planned "
+    return StagePlan.from_planned(ps, recipe)
+
+
+def check_current(sp: StagePlan, state_dir: Path | None = None) -> None:
+    """Refuse to build when the stage's code (or a user data file) is no longer what was
+    planned: the artifact would be stored under a key that does not describe it."""
+    import tasks
+    from artifacts import keys
+
+    module = tasks.KINDS[sp.kind]
+    if keys.code_digest(module) != sp.code_digest:
+        now = dict(keys.code_files(module))
+        changed = sorted(f for f in set(now) | set(sp.code_files)
+                         if now.get(f) != sp.code_files.get(f))
+        raise StageInputError(f"stage {sp.name!r}: code changed during the run "
+                              f"({', '.join(changed) or module}) since it was planned as key "
+                              f"{sp.key[:12]}; run again")
+    from tasks import kind as kinds
+
+    files_of = kinds.spec(sp.kind).hooks.get("data_files")
+    cache = state_dir / "data_digests.json" if state_dir else None
+    for name, path in (files_of(sp.config) if files_of else {}).items():
+        if keys.data_digest(path, cache) != sp.data_digests.get(name):
+            raise StageInputError(f"stage {sp.name!r}: data changed during the run ({path}) "
+                                  f"since it was planned as key {sp.key[:12]}; run again")
+
+
+def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
+              expect_key: str | None = None, pointer: str | None = None,
+              progress_file: str | None = None, state_dir: Path = Path(".posttrain"),
+              tracking_uri: str | None = None, parent_run: str | None = None) -> StageResult:
+    """Build one planned stage (or reuse it); a rank > 0 returns status "follower"."""
+    stage, force = sp.name, "forced" in sp.reasons
+    store = Store(store_uri)
+    if expect_key and expect_key != sp.key:
+        raise StageInputError(f"stage {stage!r}: key {sp.key[:12]} differs from the planned "
                               f"{expect_key[:12]}: the recipe or code changed during the run; "
                               "run again")
     t0 = time.time()
-    if ps.spec.kind == "use":
-        store.set_ref(recipe.name, stage, ps.key)
-        write_pointer(pointer, store, ps, recipe.name)
-        return {"stage": stage, "key": ps.key, "status": "reused", "seconds": 0.0}
+    if sp.kind == "use":
+        store.set_ref(sp.recipe, stage, sp.key)
+        write_pointer(pointer, store, sp, sp.recipe)
+        return StageResult(stage, sp.key, "reused", 0.0)
     _fault(stage, "kill")
-    inputs, edges = _inputs(ps, store, recipe_file)
-    # Check the launcher only where something will be built: a stored stage is reused anywhere.
-    rank, world = ranks(ps) if force or not store.has(ps.key) else (0, 1)
-    if rank > 0:  # (0, 1) above when the stage is stored: every rank reuses it below
-        return _follow(ps, inputs, world, t0)
-    with store.lock(ps.key):
-        if store.has(ps.key) and not force:
-            store.set_ref(recipe.name, stage, ps.key)
-            write_pointer(pointer, store, ps, recipe.name)
-            return {"stage": stage, "key": ps.key, "status": "reused",
-                    "seconds": round(time.time() - t0, 3)}
-        module = _module(ps, world)
-        config = module.Config(**ps.spec.config)
-        staged = store.staging_dir(ps.key)
+    inputs, edges = _inputs(sp, store)
+    # Check the launcher and the code only where something will be built: a stored stage is
+    # reused anywhere, by the code that built it.
+    building = force or not store.has(sp.key)
+    if building:
+        check_current(sp, state_dir)
+    rank_, world = ranks(sp) if building else (0, 1)
+    if rank_ > 0:  # (0, 1) above when the stage is stored: every rank reuses it below
+        return _follow(sp, inputs, world, t0)
+    with store.lock(sp.key):
+        if store.has(sp.key) and not force:
+            store.set_ref(sp.recipe, stage, sp.key)
+            write_pointer(pointer, store, sp, sp.recipe)
+            return StageResult(stage, sp.key, "reused", round(time.time() - t0, 3))
+        module = _module(sp, world)
+        config = module.Config(**sp.config)
+        staged = store.staging_dir(sp.key)
         try:
             started = time.time()
             metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
             ended = time.time()
             metrics = dict(metrics or {})
-            warnings = list(metrics.pop("warnings", []) or [])
+            warnings = list(sp.warnings) + list(metrics.pop("warnings", []) or [])
             man = manifest_mod.build(
-                recipe=recipe.name, stage=stage, kind=ps.spec.kind, produces=module.PRODUCES,
-                config=ps.spec.config, inputs=ps.input_keys, input_refs=edges,
-                data_digests=ps.data_digests, code_digest=ps.code_digest,
-                code_files=ps.code_files, metrics=metrics, started=started, ended=ended,
-                sft_root=_sft_root(ps, inputs), warnings=warnings, run_id=run_id)
-            man["key"] = ps.key
-            if ps.spec.launch.distributed:
-                man["launch"] = {"processes": world, "accelerate": ps.spec.launch.accelerate}
+                recipe=sp.recipe, stage=stage, kind=sp.kind, produces=module.PRODUCES,
+                config=sp.config, inputs=sp.input_keys, input_refs=edges,
+                data_digests=sp.data_digests, code_digest=sp.code_digest,
+                code_files=sp.code_files, metrics=metrics, started=started, ended=ended,
+                sft_root=_sft_root(sp, inputs), warnings=warnings, run_id=run_id)
+            man["key"] = sp.key
+            if sp.spec.launch.distributed:
+                man["launch"] = {"processes": world, "accelerate": sp.launch.get("accelerate")}
             man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri, staged)
-            store.publish(ps.key, staged, man,
+            store.publish(sp.key, staged, man,
                           before_manifest=lambda: _fault(stage, "kill-before-manifest"))
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
-    store.set_ref(recipe.name, stage, ps.key)
-    write_pointer(pointer, store, ps, recipe.name)
+    store.set_ref(sp.recipe, stage, sp.key)
+    write_pointer(pointer, store, sp, sp.recipe)
     for w in warnings:
         print(f"warning: stage {stage}: {w}", file=sys.stderr)
     ev = metrics.get("eval") or {}
     if ev:
         print(f"{stage}: eval " + " ".join(f"{d}={a:.3f}" for d, a in ev.items()),
               file=sys.stderr)
-    return {"stage": stage, "key": ps.key, "status": "trained",
-            "seconds": round(time.time() - t0, 3)}
+    return StageResult(stage, sp.key, "trained", round(time.time() - t0, 3))
 
 
 def _track(man: dict[str, Any], state_dir: Path, tracking_uri: str | None,
