@@ -26,7 +26,7 @@ from artifacts.store import RefError, Store
 
 SINGLE_ROLES = ("init", "reference", "reward_model")
 # Keyed roles: the manifest holds {name: key}; the edge label is "<prefix>:<name>".
-KEYED_ROLES = {"teachers": "teacher", "data": "data"}
+KEYED_ROLES = {"teachers": "teacher", "generators": "generator", "data": "data"}
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Graph:
 def role_order(role: str) -> tuple[int, str]:
     """init, reference, reward_model, teacher:*, data:*: the order people read a stage's inputs."""
     head = role.split(":", 1)[0]
-    rank = {"init": 0, "reference": 1, "reward_model": 2, "teacher": 3, "data": 4}
+    rank = {"init": 0, "reference": 1, "reward_model": 2, "teacher": 3, "generator": 4,
+            "data": 5}
     return rank.get(head, 5), role
 
 
@@ -198,10 +199,13 @@ def students_of(store: Store | Graph, key: str) -> list[dict[str, Any]]:
 
 
 def impact(store: Store, key: str, tracker: Any = None) -> dict[str, Any]:
-    """What to quarantine if `key` is bad: it and everything downstream, the store refs that
+    """What to quarantine if `key` is bad: it and everything downstream (each node with the
+    `mlflow` ids of the run that recorded it, from the store, or None), the store refs that
     name any of them, and (with a tracking_lookup.Lookup) MLflow registered versions pointing
     at them."""
     sub = descendants(store, key)
+    for n in sub["nodes"]:
+        n["mlflow"] = None if n.get("missing") else store.mlflow_ids(n["key"])
     keys = {n["key"] for n in sub["nodes"]}
     refs = [{"ref": r, "key": k} for r, k in sorted(store.refs().items()) if k in keys]
     versions: list[dict[str, Any]] | None = None

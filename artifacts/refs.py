@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("init", "teachers", "reference", "reward_model", "data")
+ROLES = ("init", "teachers", "generators", "reference", "reward_model", "data")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Inputs:
     init: ArtifactRef | None = None
     teachers: Mapping[str, ArtifactRef] = field(default_factory=dict)
     reference: ArtifactRef | None = None
-    reward_model: ArtifactRef | None = None
+    reward_model: Mapping[str, ArtifactRef] = field(default_factory=dict)  # name -> RM
+    generators: Mapping[str, ArtifactRef] = field(default_factory=dict)  # route -> sampler
     data: Mapping[str, ArtifactRef] = field(default_factory=dict)
 
 

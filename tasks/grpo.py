@@ -32,13 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
-from tasks.kind import Role
+from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
 ROLES = {
     "init": Role("model", description="The policy trained."),
-    "data": Role("dataset", many=True, names=("train",), columns=("prompt", "answer", "domain"),
-                 description="Prompts with answers; each row judged by its domain's verifier."),
+    "data": train_rows("prompt", "answer", "domain",
+                       description="Prompts with answers, each judged by its domain's verifier."),
     "reference": Role("model", required=False, description="KL reference (beta > 0)."),
 }
 

@@ -40,11 +40,14 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
 
-ArtifactType = Literal["model", "dataset"]
-ARTIFACT_TYPES: tuple[str, ...] = ("model", "dataset")
+# model: a causal LM directory; reward_model: a sequence-classification directory (one score per
+# sequence); dataset: train.jsonl rows. A policy can never start from a reward model, nor score
+# with a policy, because the roles say which type they accept.
+ArtifactType = Literal["model", "reward_model", "dataset"]
+ARTIFACT_TYPES: tuple[str, ...] = ("model", "reward_model", "dataset")
 # recipe field -> role, and back: the recipe says `from:`, the lineage says `init`.
 ROLE_OF_FIELD = {"from": "init", "reference": "reference", "reward_model": "reward_model",
-                 "teachers": "teachers", "data": "data"}
+                 "teachers": "teachers", "generators": "generators", "data": "data"}
 FIELD_OF_ROLE = {v: k for k, v in ROLE_OF_FIELD.items()}
 OPTIONAL_HOOKS = ("prepare", "data_files", "columns", "route_values", "trained_domains", "check")
 
@@ -62,7 +65,7 @@ class KindCheckError(ValueError):
 class Role:
     """One input role of a kind.
 
-    >>> Role("dataset", many=True, names=("train",)).shape()
+    >>> Role("dataset", many=True, names=("train",), default_name="train").shape()
     '`data: STAGE` or `data: {train: STAGE}`'
     """
 
@@ -70,17 +73,25 @@ class Role:
     required: bool = True
     many: bool = False  # a named map {name: stage} (teachers, data) instead of one stage
     names: tuple[str, ...] | None = None  # allowed names of a map (None: any name)
+    default_name: str | None = None  # a map written as one stage gets this name (data: train)
     columns: tuple[str, ...] = ()  # dataset columns this kind reads from every row
     description: str = ""
 
     def shape(self, fld: str = "data") -> str:
         if not self.many:
             return f"`{fld}: STAGE`"
-        if self.names == ("train",):
-            return f"`{fld}: STAGE` or `{fld}: {{train: STAGE}}`"
+        if self.default_name:
+            return f"`{fld}: STAGE` or `{fld}: {{{self.default_name}: STAGE}}`"
         if self.names:
             return f"`{fld}: {{{', '.join(f'{n}: STAGE' for n in self.names)}}}`"
         return f"`{fld}: {{NAME: STAGE, ...}}`"
+
+
+def train_rows(*columns: str, description: str) -> Role:
+    """The usual `data` role: one dataset named `train` (`data: STAGE` is short for it) whose
+    rows carry `columns`."""
+    return Role("dataset", many=True, names=("train",), default_name="train", columns=columns,
+                description=description)
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
-from tasks.kind import KindCheckError, Node, Role, columns_of, route_values_of, trained_domains_of
+from tasks.kind import (
+    KindCheckError,
+    Node,
+    Role,
+    columns_of,
+    route_values_of,
+    train_rows,
+    trained_domains_of,
+)
 
 PRODUCES = "model"
 ROLES = {
     "init": Role("model", description="The student (and its sampler)."),
     "teachers": Role("model", many=True, description="route -> teacher that scores the "
                      "student's samples of that route."),
-    "data": Role("dataset", many=True, names=("train",), columns=("prompt",),
-                 description="Prompts; the `route_key` column picks each row's teacher."),
+    "data": train_rows("prompt",
+                       description="Prompts; the `route_key` column picks each row's teacher."),
 }
 
 

@@ -26,13 +26,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
-from tasks.kind import Role
+from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
 ROLES = {
     "init": Role("model", description="The model fine-tuned."),
-    "data": Role("dataset", many=True, names=("train",), columns=("prompt", "completion"),
-                 description="Prompt/completion rows (completion-only loss)."),
+    "data": train_rows("prompt", "completion",
+                       description="Prompt/completion rows (completion-only loss)."),
 }
 # An sft stage starts an SFT lineage: teachers and students must share its key (tasks/compat.py).
 STARTS_LINEAGE = True

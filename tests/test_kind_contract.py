@@ -135,3 +135,22 @@ def test_idle_teacher_is_a_warning_when_the_recipe_opts_in(tmp_path: Path) -> No
     recipe = parse(path, ["mopd.route_checks=warn"])
     (w,) = recipe.stages["mopd"].warnings
     assert "teachers ['beta'] get no rows" in w and "route_checks" not in w
+
+
+def test_plan_warning_is_printed_and_kept_in_the_manifest(spine, monkeypatch) -> None:
+    """route_checks: warn lets an idle teacher through: plan prints the warning and the stage's
+    manifest keeps it (built by hand: only mopd_r1 is new, its ancestors are stored)."""
+    from artifacts.store import Store
+    from tests.conftest import run_cli, spine_restored
+
+    monkeypatch.setenv("POSTTRAIN_TRACKING", "off")
+    sets = ["--set", "mopd_r1.route_checks=warn", "--set", "mopd_r1.teachers.sort=rl_arith"]
+    common = ["--store", str(spine["store"]), "--state-dir", str(spine["state"]), *sets]
+    rc, _, err = run_cli("plan", str(spine["recipe"]), *common)
+    assert rc == 0 and "warning: stage mopd_r1: teachers ['sort'] get no rows" in err, err
+    with spine_restored(spine):
+        rc, out, err = run_cli("stage", str(spine["recipe"]), "mopd_r1", *common)
+        assert rc == 0, err
+        key = json.loads(out.strip().splitlines()[-1])["key"]
+        warnings = Store(spine["store"]).manifest(key)["warnings"]
+    assert any("teachers ['sort'] get no rows" in w for w in warnings), warnings
