@@ -21,7 +21,13 @@ Fields (format 1):
     host           hostname ; run_id: the `posttrain run` that built it (None for `stage`)
     sft_root       key of the nearest `sft` ancestor along init edges (itself for kind sft)
     warnings       [str] (e.g. a cross-lineage teacher let through by allow_cross_lineage)
-    mlflow         {"tracking_uri", "experiment_id", "run_id", "model_id"} or None
+    inputs_verified  {"mode": "hash" | "size", "inputs", "files", "bytes", "seconds"}: how the
+                   inputs were checked against their manifests before training (verify.py)
+
+Not in the manifest: the MLflow ids {"tracking_uri", "experiment_id", "run_id", "model_id"}.
+MLflow is mirrored only after the artifact is published, and a published manifest never
+changes, so they live beside it in `mlflow.json` (Store.mlflow_ids; manifests written before
+this carry them as a `mlflow` field, which Store.mlflow_ids still reads).
 
 Run: ``posttrain show mimo_tiny:sft --json`` prints one.
 """
@@ -101,5 +107,4 @@ def build(*, recipe: str, stage: str, kind: str, produces: str, config: dict[str
         "run_id": run_id,
         "sft_root": sft_root,
         "warnings": list(warnings),
-        "mlflow": None,
     }

@@ -4,13 +4,17 @@ Layout under the store root (any fsspec URL: a local path, ``file://``, ``memory
 
     objects/<key>/...payload...        a plain HF model dir or a data set dir
     objects/<key>/manifest.json        written last; no manifest = no artifact
+    objects/<key>/mlflow.json          MLflow ids, written after publishing (not in `files`)
     refs/<recipe>/<stage>              text file holding a key (`recipe:stage` names)
     tmp/<key>.<nonce>/                 staging (local stores: renamed or swapped into place)
     locks/<key>.lock                   one builder per key across processes (local stores)
 
 A directory without a manifest does not exist for anyone (`has`, `manifest`, `iter_manifests`,
 `resolve` ignore it) and is replaced by the next build. File hashes are computed once, here,
-while publishing, and only re-read by `verify`.
+while publishing, and only re-read by `verify`. Keys read back (ref files, manifests) must be 64
+lowercase hex, `recipe:stage` parts must match NAME_RE, and a local store resolves every path
+it builds and refuses one outside its root (RefError). A full disk is a NoSpaceError that
+names the path and the free space (`guard_space`).
 
 Run: ``python -c "from artifacts.store import Store; print(Store('.posttrain/store').refs())"``
 """
@@ -38,11 +42,101 @@ DEFAULT_STORE = os.environ.get("POSTTRAIN_STORE", ".posttrain/store")
 DEFAULT_STATE = os.environ.get("POSTTRAIN_HOME", ".posttrain")
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
+# The one name rule for recipes and stages (flows/recipe.py imports it): `recipe:stage` parts
+# become path components under refs/, so no "/", no leading "." (".", "..", dotfiles) or "-".
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MANIFEST = "manifest.json"
+# Written beside the manifest after publishing: the manifest is immutable once published (its
+# `files` hashes would change), and MLflow is mirrored only after the artifact is in place.
+SIDECAR = "mlflow.json"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# Native writers (safetensors, tokenizers) raise their own types; their text says why.
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28",
+                  "os error 122")
 
 
 class RefError(LookupError):
     """A REF that names nothing (or several things) in the store."""
+
+
+class NoSpaceError(OSError):
+    """A write that failed for want of disk space: a user error (exit 2) that names the path,
+    the free space left and the fix, instead of a bare `[Errno 28]` traceback."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def check_key(value: Any, where: str, fix: str) -> str:
+    """`value` if it is a content key (64 lowercase hex), else RefError naming it: a key read
+    back from a file or a tag becomes a path under objects/ and must not leave it."""
+    if not isinstance(value, str) or not KEY_RE.match(value):
+        raise RefError(f"{where}: {str(value)[:80]!r} is not a content key (64 lowercase hex "
+                       f"digits); {fix}")
+    return value
+
+
+def check_name(value: Any, what: str, ref: str) -> str:
+    """`value` if it is a recipe or stage name (NAME_RE), else RefError naming it: names
+    become path components under refs/."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise RefError(f"{what} {str(value)[:80]!r} in {ref[:120]!r} is not a name (letters, "
+                       "digits, _ - ., not starting with . or -); write REF as recipe:stage, "
+                       "e.g. mimo_tiny:sft")
+    return value
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_space(path: str | os.PathLike[str]) -> str:
+    """'12.0 MB free on /mnt' for the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        return f"{_human(shutil.disk_usage(p).free)} free on {mount}"
+    except OSError:
+        return f"free space on {mount} unknown"
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether `e` is a disk-full / quota error (OSError errno, or a native writer's text)."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return True
+    return any(t in str(e).lower() for t in _NO_SPACE_TEXT)
+
+
+def no_space_error(e: BaseException, path: str | os.PathLike[str],
+                   hint: str = "point --store / --state-dir elsewhere") -> NoSpaceError:
+    """The NoSpaceError for `e` while writing `path` (the OSError's own file name if it has
+    one): `no space left on device writing P (12.0 MB free on /mnt); free space or HINT`."""
+    where = getattr(e, "filename", None) or path
+    err = e.errno if isinstance(e, OSError) and e.errno in _NO_SPACE else errno.ENOSPC
+    return NoSpaceError(err, f"no space left on device writing {where} ({free_space(where)}); "
+                        f"free space or {hint}")
+
+
+@contextlib.contextmanager
+def guard_space(path: str | os.PathLike[str],
+                hint: str = "point --store / --state-dir elsewhere") -> Iterator[None]:
+    """Turn a disk-full error raised inside into a NoSpaceError naming `path` and the fix."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as e:
+        if is_no_space(e):
+            raise no_space_error(e, path, hint) from None
+        raise
 
 
 def _sha256_file(path: Path) -> str:
@@ -78,24 +172,65 @@ class Store:
         self.uri = uri if "://" in uri else str(Path(root).absolute())
         if self.local:
             self.root = str(Path(self.root).absolute())
+        self._real = os.path.realpath(self.root) if self.local else self.root
 
     # -- paths -------------------------------------------------------------------------------
     def _p(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        """A path under the root. For a local store it is resolved (links, `..`) and refused
+        if it leaves the root: no name, key or manifest row may reach a file outside it."""
+        path = "/".join([self.root, *parts])
+        if self.local and parts:
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, self._real]) != self._real:
+                raise RefError(f"{path} resolves to {real}, outside the store {self.root}; "
+                               "remove that link (or file) from the store")
+        return path
 
     def object_path(self, key: str) -> str:
+        check_key(key, "artifact", "pass a full key, a key prefix or recipe:stage")
         return self._p("objects", key)
 
     # -- reading -----------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        return self.fs.exists(self._p("objects", key, MANIFEST))
+        """Whether `key` is stored (manifest in place); False for a string that is not a key:
+        no path is built from it."""
+        return bool(isinstance(key, str) and KEY_RE.match(key)) and self.fs.exists(
+            self._p("objects", key, MANIFEST))
 
     def manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of `key` (None when not stored, or for a string that is not a key),
+        checked: its `key` field is its directory's and its input keys are keys."""
+        if not (isinstance(key, str) and KEY_RE.match(key)):
+            return None
+        path = self._p("objects", key, MANIFEST)
         try:
-            with self.fs.open(self._p("objects", key, MANIFEST), "r") as f:
-                return json.load(f)
+            with self.fs.open(path, "r") as f:
+                return _checked(json.load(f), key, path)
         except FileNotFoundError:
             return None
+
+    def mlflow_ids(self, key: str) -> dict[str, Any] | None:
+        """{tracking_uri, experiment_id, run_id, model_id} of the MLflow run that recorded
+        `key` (the SIDECAR beside its manifest; an older manifest's own `mlflow` field), or
+        None: MLflow is mirrored after publishing, so the ids are not in the manifest."""
+        if not self.has(key):
+            return None
+        try:
+            with self.fs.open(self._p("objects", key, SIDECAR), "r") as f:
+                ids = json.load(f)
+            return ids if isinstance(ids, dict) else None
+        except (FileNotFoundError, ValueError):
+            return (self.manifest(key) or {}).get("mlflow") or None
+
+    def set_mlflow_ids(self, key: str, ids: dict[str, Any]) -> None:
+        """Record the MLflow ids of a published `key` in its SIDECAR (atomically): written
+        after the mirror, never part of the manifest's `files`."""
+        path = self._p("objects", check_key(key, "artifact", "pass a stored key"), SIDECAR)
+        text = json.dumps(ids, indent=2, sort_keys=True, default=str) + "\n"
+        if self.local:
+            _atomic_write(Path(path), text)
+        else:
+            self.fs.pipe(path, text.encode())
 
     def keys(self) -> list[str]:
         try:
@@ -129,6 +264,10 @@ class Store:
 
     # -- refs --------------------------------------------------------------------------------
     def set_ref(self, recipe: str, stage: str, key: str) -> None:
+        ref = f"{recipe}:{stage}"
+        check_name(recipe, "recipe", ref)
+        check_name(stage, "stage", ref)
+        check_key(key, f"ref {ref}", "point a ref at a content key only")
         path = self._p("refs", recipe, stage)
         if self.local:
             _atomic_write(Path(path), key + "\n")
@@ -136,11 +275,21 @@ class Store:
             self.fs.pipe(path, (key + "\n").encode())
 
     def get_ref(self, recipe: str, stage: str) -> str | None:
+        """The key `recipe:stage` names, or None; RefError for a bad name or a ref file that
+        holds anything but a key (it would become a path under objects/)."""
+        ref = f"{recipe}:{stage}"
+        check_name(recipe, "recipe", ref)
+        check_name(stage, "stage", ref)
+        path = self._p("refs", recipe, stage)
         try:
-            with self.fs.open(self._p("refs", recipe, stage), "r") as f:
-                return f.read().strip() or None
+            with self.fs.open(path, "r") as f:
+                text = f.read(200).strip()
         except FileNotFoundError:
             return None
+        if not text:
+            return None
+        return check_key(text, f"ref {ref} ({path})",
+                         f"delete {path} and rebuild the stage (posttrain run RECIPE)")
 
     def refs(self) -> dict[str, str]:
         """{"recipe:stage": key} for every named ref."""
@@ -151,9 +300,11 @@ class Store:
             return out
         for rdir in recipes:
             recipe = rdir.rstrip("/").rsplit("/", 1)[-1]
+            if not NAME_RE.match(recipe):  # a stray file: no `recipe:stage` can name it
+                continue
             for sfile in self.fs.ls(rdir, detail=False):
                 stage = sfile.rstrip("/").rsplit("/", 1)[-1]
-                if stage.startswith("."):
+                if not NAME_RE.match(stage):  # atomic_write's .temp files, strays
                     continue
                 key = self.get_ref(recipe, stage)
                 if key:
@@ -169,9 +320,13 @@ class Store:
             return ref
         if ":" in ref and "://" not in ref:
             recipe, stage = ref.split(":", 1)
-            key = self.get_ref(recipe, stage)
+            key = self.get_ref(recipe, stage)  # checks both names, and the key it reads
             if key is None or not self.has(key):
-                known = ", ".join(sorted(self.refs())[:20]) or "none yet"
+                try:
+                    names = sorted(self.refs())
+                except RefError:  # another ref is corrupt: it has its own error when used
+                    names = []
+                known = ", ".join(names[:20]) or "none yet"
                 raise RefError(f"no ref {ref!r} in {self.uri} (known refs: {known})")
             return key
         if PREFIX_RE.match(ref):
@@ -181,8 +336,14 @@ class Store:
             if not hits:
                 raise RefError(f"no artifact key starts with {ref!r} in {self.uri}")
             raise RefError(f"key prefix {ref!r} is ambiguous: {', '.join(h[:12] for h in hits)}")
+        why = ""
+        if re.fullmatch(r"[0-9a-fA-F]+", ref):
+            why = (f" (keys are lowercase: {ref.lower()})" if ref != ref.lower() else
+                   " (a key prefix needs at least 8 hex digits)" if len(ref) < 8 else
+                   " (longer than a key: 64 hex digits)")
         raise RefError(
-            f"{ref!r} is not a key, a key prefix of >= 8 hex digits, or recipe:stage"
+            f"{ref[:80]!r} is not a key, a key prefix of >= 8 hex digits, or recipe:stage{why}"
+            " (keys are 64 lowercase hex digits)"
         )
 
     # -- writing -----------------------------------------------------------------------------
@@ -194,21 +355,28 @@ class Store:
             return
         from filelock import FileLock
 
-        path = Path(self._p("locks", f"{key}.lock"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path)):
+        path = Path(self._p("locks", f"{check_key(key, 'lock', 'lock a content key')}.lock"))
+        lock = FileLock(str(path))
+        with guard_space(path, "point --store elsewhere"):  # the lock file, not the body
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def staging_dir(self, key: str) -> Path:
         """A fresh local directory to build `key`'s payload in (inside the store when local,
         so publishing is a rename, not a copy). Call it holding `lock(key)`."""
+        check_key(key, "staging", "build a content key")
         base = Path(self._p("tmp")) if self.local else Path(tempfile.gettempdir()) / "posttrain-tmp"
-        base.mkdir(parents=True, exist_ok=True)
-        # Builders of `key` hold `lock(key)`: a staging dir of that key left now is a dead one's.
-        for stale in base.glob(f"{key}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        d = base / f"{key}.{uuid.uuid4().hex[:8]}"
-        d.mkdir()
+        with guard_space(base, "point --store elsewhere"):
+            base.mkdir(parents=True, exist_ok=True)
+            # Builders of `key` hold `lock(key)`: a staging dir of that key left now is dead.
+            for stale in base.glob(f"{key}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            d = base / f"{key}.{uuid.uuid4().hex[:8]}"
+            d.mkdir()
         return d
 
     def publish(self, key: str, staged: Path, manifest: dict[str, Any],
@@ -219,8 +387,17 @@ class Store:
         visible in one step: a rename, or for a forced rebuild of an existing key an atomic
         exchange with the old copy, so a rebuild killed at any point leaves the old artifact
         whole. Remote stores upload the payload, then the manifest; there a rebuild removes the
-        old copy first. `before_manifest` is a hook for fault-injection tests.
+        old copy first. `before_manifest` is a hook for fault-injection tests. A full disk is a
+        NoSpaceError naming the path and the free space.
         """
+        if (staged / SIDECAR).exists():
+            raise ValueError(f"{staged / SIDECAR}: {SIDECAR} is reserved for the store's MLflow "
+                             "ids; the stage kind must not write a payload file of that name")
+        with guard_space(self.object_path(key), "point --store elsewhere"):
+            return self._publish(key, staged, manifest, before_manifest)
+
+    def _publish(self, key: str, staged: Path, manifest: dict[str, Any],
+                 before_manifest: Any) -> dict[str, Any]:
         manifest = dict(manifest, key=key, files=file_table(staged))
         text = json.dumps(manifest, indent=2, sort_keys=True)
         dest = self.object_path(key)
@@ -256,11 +433,15 @@ class Store:
         m = self.manifest(key)
         if m is None:
             return [f"{key[:12]}: no manifest"]
-        # Read the store itself, never local_path's download cache (it may predate a change).
-        root = self.object_path(key)
+        # Read the store itself, never local_path's download cache (it may predate a change),
+        # and only inside the artifact's own directory.
         problems = []
         for row in m.get("files", []):
-            p = f"{root}/{row['path']}"
+            parts = str(row["path"]).split("/")
+            if row["path"].startswith("/") or ".." in parts:  # a row may not leave its object
+                problems.append(f"{row['path']}: outside the artifact's directory")
+                continue
+            p = self._p("objects", key, *parts)
             if not self.fs.isfile(p):
                 problems.append(f"{row['path']}: missing")
                 continue
@@ -291,20 +472,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), f"{a} <-> {b}")
 
 
+def _checked(m: Any, key: str, path: str) -> dict[str, Any]:
+    """A manifest read back, refused (RefError) unless its `key` is its directory's and every
+    input key is a content key: keys read from files become paths and MLflow filters."""
+    fix = f"delete {path.rsplit('/', 1)[0]} and rebuild its stage (posttrain run RECIPE --force)"
+    if not isinstance(m, dict):
+        raise RefError(f"{path}: not a manifest (a JSON object); {fix}")
+    if m.get("key") != key:
+        check_key(m.get("key"), f"{path}: field key", fix)
+        raise RefError(f"{path}: field key {m['key'][:12]} is not its directory's {key[:12]}; "
+                       f"{fix}")
+    inputs = m.get("inputs") or {}
+    for role, value in (inputs.items() if isinstance(inputs, dict) else [("inputs", inputs)]):
+        for v in value.values() if isinstance(value, dict) else [value]:
+            if v:
+                check_key(v, f"{path}: inputs.{role}", fix)
+    return m
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write via a temp file + rename, so readers see the old or the new file, never half; a
+    full disk is a NoSpaceError naming `path` and the free space."""
+    with guard_space(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 atomic_write = _atomic_write

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from artifacts.store import KEY_RE, is_no_space, no_space_error
+
 PENDING = "mlflow_pending.jsonl"  # in state_dir: appended to by Tracker, replayed by sync
 ALIAS = "current"  # "latest" is reserved by MLflow's registry
 # A dead server must cost seconds, not MLflow's default 7 retries x 120 s timeout.
@@ -134,10 +136,15 @@ class Tracker:
             self.mark_down(e)
             from filelock import FileLock
 
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             path = self.state_dir / PENDING
-            with FileLock(f"{path}.lock", thread_local=False), open(path, "a") as f:
-                f.write(json.dumps(dict(op, queued=time.time()), default=str) + "\n")
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                with FileLock(f"{path}.lock", thread_local=False), open(path, "a") as f:
+                    f.write(json.dumps(dict(op, queued=time.time()), default=str) + "\n")
+            except OSError as err:  # e.g. the state dir is full: still never fail the run
+                why = no_space_error(err, path) if is_no_space(err) else err
+                print(f"warning: MLflow work not queued in {path} ({why}); run `posttrain "
+                      "sync` later to record it from the store", file=sys.stderr)
             return None
 
     def _experiment(self, c: Any, name: str) -> str:
@@ -151,6 +158,8 @@ class Tracker:
                                    .as_uri() if db else None)
 
     def _model_id(self, c: Any, key: str) -> str | None:
+        if not KEY_RE.match(str(key)):  # never put a non-key into a filter string
+            return None
         if key not in self._models:  # across experiments: another recipe may have built it
             ids = [e.experiment_id for e in pages(c.search_experiments)]
             hits = c.search_logged_models(ids, filter_string=f"tags.`posttrain.key` = '{key}'",
@@ -247,6 +256,38 @@ class Tracker:
         c.set_terminated(rid, "FINISHED")
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
+
+    def log_failure(self, stage: dict[str, Any], reason: str,
+                    parent_run_id: str | None) -> str | None:
+        """A nested run for a stage whose build or publish failed: status FAILED, the reason
+        in tag `posttrain.error`, its config as params, and no LoggedModel or registered
+        version (its key is not stored: tag `posttrain.planned_key`, not `posttrain.key`).
+        `stage` is {key, recipe, stage, kind, config, run_id}. Returns the MLflow run id."""
+        run_id = self._run[1] if self._run else stage.get("run_id")
+        op = {"op": "log_failure", "stage": stage, "reason": reason, "run_id": run_id,
+              "parent_run_id": parent_run_id}
+        return self._safe(op, lambda c: self.write_failure(c, stage, reason, parent_run_id,
+                                                           run_id))
+
+    def write_failure(self, c: Any, stage: dict[str, Any], reason: str, parent: str | None,
+                      run_id: str | None) -> str:
+        """log_failure's work on an open client, raising on error (replayed by the back-fill)."""
+        from mlflow.entities import Param
+
+        recipe = self._run[0] if self._run else stage["recipe"]
+        eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, recipe)
+        tags = {"posttrain.planned_key": stage["key"], "posttrain.stage": stage["stage"],
+                "posttrain.status": "failed", "posttrain.kind": stage["kind"],
+                "posttrain.recipe": stage["recipe"], "posttrain.run_id": run_id or "",
+                "posttrain.error": reason[:5000]}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        rid = c.create_run(eid, run_name=f"{stage['stage']} (failed)",
+                           tags={k: str(v) for k, v in tags.items()}).info.run_id
+        _batches(c, rid, params=[Param(k, v) for k, v in
+                                 flatten(stage.get("config") or {}).items()])
+        c.set_terminated(rid, "FAILED")
+        return rid
 
     def _logged_model(self, c: Any, eid: str, rid: str, m: dict[str, Any], store_uri: str,
                       payload_dir: Any) -> Any:

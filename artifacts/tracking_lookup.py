@@ -14,11 +14,12 @@ Run: ``posttrain sync`` or ``posttrain show models:/mimo_tiny.mopd@current``
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from artifacts.store import DEFAULT_STATE, RefError, Store
+from artifacts.store import DEFAULT_STATE, RefError, Store, check_key
 from artifacts.tracking import PENDING, Tracker, pages
 
 
@@ -71,6 +72,8 @@ class Lookup:
         try:
             with self.tracker.client() as c:
                 n = self._replay(c, store, [json.loads(x) for x in lines if x.strip()])
+        except RefError:  # a corrupt ref or manifest in the store, not MLflow being down
+            raise
         except Exception as e:
             self.tracker.mark_down(e)
             return 0
@@ -107,7 +110,15 @@ class Lookup:
                     parents[run_id] = tracker.write_run(c, m["recipe"], run_id, {}, backfilled=True)
                     opened.append(parents[run_id])
                 parent = parents.get(run_id)
-            tracker.write_stage(c, m, status, parent, store.uri, run_id)
+            ids = tracker.write_stage(c, m, status, parent, store.uri, run_id)
+            if status == "trained" and store.mlflow_ids(m["key"]) is None:
+                with contextlib.suppress(OSError, RefError):  # best effort, as live
+                    store.set_mlflow_ids(m["key"], ids)
+        for op in ops:  # builds or publishes that failed while MLflow was down
+            if op["op"] == "log_failure":
+                pid = (op["parent_run_id"] if op.get("parent_run_id") in run_ids
+                       else parents.get(op.get("run_id")))
+                tracker.write_failure(c, op["stage"], op["reason"], pid, op.get("run_id"))
         for op in ops:
             pid = op["parent_run_id"] if op.get("parent_run_id") in run_ids else None
             if op["op"] == "finish_run" and (pid := pid or parents.get(op.get("run_id"))):
@@ -150,7 +161,10 @@ class Lookup:
         if not tags.get("posttrain.key"):
             raise RefError(f"{uri!r} has no posttrain.key tag: posttrain did not register it "
                            "(use a key or recipe:stage)")
-        return tags["posttrain.key"]
+        # A tag is anyone's to write: the key it holds becomes a path under the store.
+        return check_key(tags["posttrain.key"], f"{uri}: MLflow tag posttrain.key",
+                         "that registry entry was not written by posttrain or was altered: "
+                         "delete it, or use a key or recipe:stage")
 
 
 def _drop_replayed(path: Path, n: int) -> None:

@@ -7,8 +7,12 @@ Run: ``posttrain --help``; ``posttrain plan recipes/mimo_tiny.yaml``
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 import uuid
@@ -16,17 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.refs import StageInputError
-from artifacts.store import RefError, Store
+from artifacts.store import NoSpaceError, RefError, Store, free_space, guard_space
 from artifacts.tracking_lookup import resolve_ref
 from flows import cli_common, provenance_cli, runners
 from flows.cli_common import REF_HELP, UsageError
 from flows.recipe import RecipeError, parse
 
 # Raised for a user's mistake by any command: one `error:` line, exit 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, RefError, StageInputError, UsageError)
+USER_ERRORS: tuple[type[Exception], ...] = (RecipeError, RefError, StageInputError, UsageError,
+                                            NoSpaceError)
 # Commands that run stage code: there an OSError or ValueError may be a bug in training code,
 # whose traceback matters. Elsewhere it is about the user's input (a path, a file): exit 2.
 RUNS_STAGE_CODE = ("run", "stage")
+PREFECT_MIN_FREE = 32 << 20  # bytes free in PREFECT_HOME before a run starts Prefect's server
 
 
 def _quiet_env(state_dir: Path) -> None:
@@ -46,7 +52,20 @@ def _quiet_env(state_dir: Path) -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(os.environ["PREFECT_HOME"])
+    # Prefect's server keeps a sqlite db here: on a full disk it would retry for minutes and
+    # print thousands of lines that never say why, so the space is checked here, in one line.
+    with guard_space(home, "point --state-dir elsewhere"):
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".space-probe.{os.getpid()}"
+        try:
+            probe.write_bytes(bytes(1 << 20))
+        finally:
+            probe.unlink(missing_ok=True)
+    if shutil.disk_usage(home).free < PREFECT_MIN_FREE:
+        raise NoSpaceError(errno.ENOSPC, f"too little space for Prefect's database in {home} "
+                           f"({free_space(home)}, it needs {PREFECT_MIN_FREE >> 20} MB); free "
+                           "space or point --state-dir elsewhere")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -96,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_id = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = args.state_dir.absolute() / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with guard_space(run_dir, "point --state-dir elsewhere"):
+        run_dir.mkdir(parents=True, exist_ok=True)
     tracker, parent_run = _start_tracking(args, recipe.name, run_id, planned)
     run = RunContext(
         run_id=run_id, runner=args.runner, store=store.uri, run_dir=str(run_dir),
@@ -110,7 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"max {max_parallel} at once", file=sys.stderr)
     with Display(board):
         execute(recipe.name, plans, run, max_parallel)
-    results: list[StageResult] = RUNTIME.pop(run_id).get("results") or [
+    rt = RUNTIME.pop(run_id)
+    stopped: str | None = rt.get("interrupted")  # "SIGINT" / "SIGTERM": the run was stopped
+    results: list[StageResult] = rt.get("results") or [
         StageResult(p.name, p.key, "failed", 0.0, "the flow did not start") for p in planned]
     ok = {r.stage for r in results if r.ok}
     write_lock(recipe, planned, ok)
@@ -126,7 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                 if p.name == r.stage),
                         eval=((store.manifest(r.key) or {}).get("metrics") or {}).get("eval"))
                    for r in results]
-        tracker.finish_run(parent_run, "FINISHED" if len(ok) == len(results) else "FAILED",
+        tracker.finish_run(parent_run, "KILLED" if stopped else "FINISHED"
+                           if len(ok) == len(results) else "FAILED",
                            summary, {"lineage.md": lineage_md})
     _print_eval_table(store, planned, ok)
     for r in results:
@@ -134,7 +157,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: stage {r.stage}: {r.error}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.row() for r in results], indent=2))
-    return 0 if len(ok) == len(results) else 1
+    if stopped:  # as a shell reports a process killed by it: 130 (SIGINT), 143 (SIGTERM)
+        return 128 + signal.Signals[stopped].value
+    return _exit_code(results, planned, run_dir)
+
+
+def _exit_code(results: list[Any], planned: list[Any], run_dir: Path) -> int:
+    """0 when every stage is stored; 2 when every failure is the user's to fix (its child's
+    result file says `user_error`: a corrupted input, a bad ref or data), a stage not run
+    because a parent failed counting as that parent's failure; else 1. The child's file is
+    read, not the flow's result: a failed task's result is rebuilt from its error message."""
+    from flows.stagefile import StageFileError, StageResult
+
+    failed = {r.stage for r in results if r.status == "failed"}
+    parents = {p.name: p.spec.parents() for p in planned}
+    user = 0
+    for name in sorted(failed):
+        path = run_dir / f"{name}.result.json"
+        try:
+            child = StageResult.read(path) if path.exists() else None
+        except StageFileError:
+            child = None
+        if child is not None and child.status == "failed" and child.user_error:
+            user += 1
+        elif child is None and any(p in failed for p in parents.get(name, ())):
+            continue  # not run: an upstream stage failed
+        else:
+            return 1
+    return 2 if user else 0 if not failed else 1
 
 
 def _start_tracking(args: argparse.Namespace, recipe: str, run_id: str,
@@ -183,6 +233,9 @@ def _print_eval_table(store: Store, planned: list[Any], ok: set[str]) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage from a plan file (the flow's) or from RECIPE STAGE (by hand: its ancestors
     are planned, nothing else); rank 0 always writes --result-file, failures included."""
+    from flows import procs
+
+    procs.watch_parent()  # started by a run: die with it, whatever it is doing
     from flows import stage as stage_mod
     from flows.stagefile import StageFileError, StagePlan, StageResult
 
@@ -213,7 +266,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             msg = (str(e) if isinstance(e, USER_ERRORS) else "interrupted"
                    if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
             StageResult(sp.name if sp else args.stage or "?", sp.key if sp else "", "failed",
-                        round(time.time() - t0, 3), msg).write(args.result_file)
+                        round(time.time() - t0, 3), msg,
+                        user_error=isinstance(e, USER_ERRORS)).write(args.result_file)
         raise
     if result.status != "follower":  # one result per stage, from rank 0
         if args.result_file and stage_mod.rank() == 0:  # (every rank reuses a stored key)
@@ -245,10 +299,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     store = Store(args.store)
     key = resolve_ref(args.ref, store, args.tracking_uri, args.state_dir)
     m = store.manifest(key) or {}
+    ids = store.mlflow_ids(key)  # beside the manifest: MLflow is mirrored after publishing
     if args.json:
-        print(json.dumps(m, indent=2, sort_keys=True))
+        print(json.dumps(dict(m, mlflow=ids), indent=2, sort_keys=True))
         return 0
     print(f"{m.get('recipe')}:{m.get('stage')}  kind={m.get('kind')}  key={key}")
+    if ids:
+        print(f"  mlflow: run {ids.get('run_id')}  model {ids.get('model_id') or '-'}  "
+              f"({ids.get('tracking_uri')})")
     for role, v in (m.get("input_refs") or {}).items():
         edges = v.items() if isinstance(v, dict) and "key" not in v else [(None, v)]
         for sub, e in edges:
@@ -342,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the console script: the process ends next, and the interpreter's
+            gc.freeze()  # last collection of Prefect's and MLflow's heap took seconds (3.5 s)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, RefError, Store
+from artifacts.store import DEFAULT_STATE, DEFAULT_STORE, NoSpaceError, RefError, Store
 
 if TYPE_CHECKING:
     from artifacts.tracking import Tracker
@@ -78,6 +78,8 @@ def tracker(args: argparse.Namespace, create: bool = True, warn: bool = True) ->
 def error_line(e: Exception, store: str) -> str:
     """The one line flows.cli.main prints for a user error: the value and the fix; a REF that
     names nothing in an empty store says the store is why (the usual cause: a wrong --store)."""
+    if isinstance(e, NoSpaceError):  # already names the path, the free space and the fix
+        return str(e)
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror or e} (check the path and permissions)"

@@ -23,7 +23,7 @@ from typing import Any
 
 import tasks
 from artifacts import keys
-from artifacts.store import RefError, Store, atomic_write
+from artifacts.store import KEY_RE, RefError, Store, atomic_write
 from artifacts.tracking_lookup import resolve_ref  # imports mlflow only for models:/ refs
 from flows.recipe import Recipe, RecipeError, StageSpec, closest
 from tasks import kind as kinds
@@ -73,7 +73,23 @@ def read_lock(recipe: Recipe) -> dict[str, Any]:
     except ValueError:
         raise RecipeError(str(p), "", "the lock file is not valid JSON; delete it (it is "
                           "rewritten by the next successful run)") from None
-    return doc.get("stages", {}) if isinstance(doc, dict) else {}
+    stages = doc.get("stages", {}) if isinstance(doc, dict) else {}
+    fix = "delete the lock file (it is rewritten by the next successful run)"
+    if not isinstance(stages, dict):
+        raise RecipeError(str(p), "stages", f"not a mapping of stage -> entry; {fix}")
+    for name, entry in stages.items():  # keys read back must be keys, here as everywhere
+        if not isinstance(entry, dict):
+            raise RecipeError(str(p), f"stages.{name}", f"not a lock entry; {fix}")
+        found = [("key", entry.get("key"))]
+        inputs = entry.get("inputs") or {}
+        for role, v in (inputs.items() if isinstance(inputs, dict) else [("", inputs)]):
+            found += [(f"inputs.{role}.{n}", k) for n, k in v.items()] if isinstance(v, dict) \
+                else [(f"inputs.{role}", v)]
+        for where, key in found:
+            if not (isinstance(key, str) and KEY_RE.match(key)):
+                raise RecipeError(str(p), f"stages.{name}.{where}", f"{str(key)[:80]!r} is not "
+                                  f"a content key (64 lowercase hex digits); {fix}")
+    return stages
 
 
 def write_lock(recipe: Recipe, planned: list[PlannedStage], done: set[str]) -> None:

@@ -132,7 +132,8 @@ def _impact(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(rep['nodes'])} artifact(s) built from {args.ref} (itself included):")
     for n in rep["nodes"]:
-        print(f"  {_row(n)}" + (f"   via {n['role']}" if n.get("role") else ""))
+        run = f"   mlflow run {n['mlflow'].get('run_id')}" if n.get("mlflow") else ""
+        print(f"  {_row(n)}" + (f"   via {n['role']}" if n.get("role") else "") + run)
     print(f"{len(rep['refs'])} ref(s) in {store.uri} point at them:")
     for r in rep["refs"]:
         print(f"  {r['ref']:32s} {r['key'][:12]}")

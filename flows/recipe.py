@@ -9,7 +9,9 @@ per combination: the product), where the name and every string in the stage may 
 for one var only, `{item}`; the name needs a placeholder of each var. `rounds: N` (N chained
 stages `<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previous one),
 `use: <ref>`
-(pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`, and
+(pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`,
+`verify_inputs` (`hash`, the default, or `size`: how inputs are checked against their
+manifests before training; not in the key: it changes no trained byte), and
 `launch` {processes, accelerate}: run the stage as N data-parallel processes (torchrun), or
 under `accelerate launch --config_file <accelerate>` (e.g. infra/deepspeed/zero2.yaml).
 A string that is exactly `${var}` is replaced by that var's value. `--set NAME.path=value`
@@ -39,13 +41,15 @@ import yaml
 from pydantic import ValidationError
 
 import tasks
+from artifacts.store import NAME_RE  # one rule for recipe and stage names: refs/ paths use them
 from tasks import kind as kinds
 from tasks.kind import FIELD_OF_ROLE, ROLE_OF_FIELD
 
-STAGE_FIELDS = ("kind", "description", "from", "teachers", "data", "reference", "reward_model",
-                "foreach", "rounds", "use", "resources", "retries", "launch")
+STAGE_FIELDS = ("kind", "description", "from", "teachers", "generators", "data", "reference",
+                "reward_model", "foreach", "rounds", "use", "resources", "retries", "launch",
+                "verify_inputs")
+VERIFY_MODES = ("hash", "size")  # artifacts/verify.py MODES (imported there without yaml)
 TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class RecipeError(ValueError):
@@ -90,6 +94,7 @@ class StageSpec:
     where: str = ""  # YAML path of the template it came from, for messages
     launch: Launch = Launch()
     warnings: tuple[str, ...] = ()  # from the kind's plan-time checks (route_checks: warn)
+    verify_inputs: str = "hash"  # inputs checked by sha256 ("hash") or by size only ("size")
 
     def parents(self) -> list[str]:
         out: list[str] = []
@@ -366,8 +371,8 @@ def _parse_inputs(name: str, kind: str, roles: Mapping[str, kinds.Role], body: d
                 raise ctx.error(where + (fld,), f"`{fld}` names one stage, got {value!r}")
             inputs[role] = value
             continue
-        if isinstance(value, str) and decl.names and len(decl.names) == 1:
-            value = {decl.names[0]: value}
+        if isinstance(value, str) and decl.default_name:
+            value = {decl.default_name: value}
         if not isinstance(value, dict) or not value or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ctx.error(where + (fld,), f"`{fld}` is a mapping {{name: stage}} (write "
@@ -688,9 +693,14 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ctx.error(where + ("retries",), f"retries must be an integer >= 0, got "
                             f"{retries!r}")
+        verify = body.get("verify_inputs", "hash")
+        if verify not in VERIFY_MODES:
+            raise ctx.error(where + ("verify_inputs",), f"verify_inputs is `hash` (sha256 of "
+                            f"every input file, the default) or `size` (sizes only), got "
+                            f"{verify!r}")
         launch = _parse_launch(body.get("launch"), recipe_dir, ctx, where)
         specs[sname] = StageSpec(sname, kind, config, inputs, Resources(**res), retries,
-                                 where=".".join(where), launch=launch)
+                                 where=".".join(where), launch=launch, verify_inputs=verify)
 
     for s in specs.values():
         for p in s.parents():

@@ -26,9 +26,11 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
+from prefect.states import Failed, State
 
+from flows import loopback, procs
 from flows.board import Board
+from flows.procs import Interrupted
 from flows.runners import RUNNERS, Runner, cores
 from flows.stagefile import StageFileError, StagePlan, StageResult
 
@@ -62,8 +64,9 @@ class _NoBoard:
         pass
 
 
-def launch_stage(sp: StagePlan, run: RunContext) -> StageResult:
-    """One stage as a child process (the body of `stage_task`)."""
+def launch_stage(sp: StagePlan, run: RunContext) -> StageResult | State:
+    """One stage as a child process (the body of `stage_task`); a Failed state when the run
+    was interrupted."""
     rt = RUNTIME.get(run.run_id)
     board: Any = rt["board"] if rt else _NoBoard()
     # In a Ray worker the run's runner is not here: a fresh one, which holds nothing, launches.
@@ -92,8 +95,13 @@ def launch_stage(sp: StagePlan, run: RunContext) -> StageResult:
                    POSTTRAIN_TRACKING=run.tracking)
         board.update(sp.name, state="running", started=time.time(),
                      progress_file=str(files["progress.jsonl"]))
-        rc = runner.launch(cmd, env, files["log"])
+        try:
+            rc = runner.launch(cmd, env, files["log"])
+        except Interrupted as e:
+            return _interrupted(sp, board, f"not run: interrupted ({e})")
         result = _outcome(sp, rc, files["result.json"], files["log"])
+        if result.status == "failed" and runner.stopping:
+            return _interrupted(sp, board, f"interrupted ({runner.stopping})")
         if result.status == "failed":
             board.update(sp.name, state="failed", ended=time.time(), error=result.error)
             raise StageFailed(f"stage {sp.name}: {result.error} (log: {files['log']})")
@@ -101,6 +109,13 @@ def launch_stage(sp: StagePlan, run: RunContext) -> StageResult:
         return result
     finally:
         runner.release(sp)
+
+
+def _interrupted(sp: StagePlan, board: Any, error: str) -> Any:
+    """A stage the run's SIGINT / SIGTERM stopped (or kept from starting): a Failed state,
+    not an exception, so Prefect neither retries it nor prints a traceback."""
+    board.update(sp.name, state="failed", ended=time.time(), error=error)
+    return Failed(message=f"stage {sp.name}: {error}")
 
 
 def _outcome(sp: StagePlan, rc: int, result_file: Path, log: Path) -> StageResult:
@@ -136,6 +151,7 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
         with runner.submit_options(sp):
             futures[sp.name] = task_.submit(sp, run,
                                             wait_for=[futures[x] for x in sp.parent_stages()])
+        runner.track(futures[sp.name])
     board: Board = rt["board"]
     results: list[StageResult] = []
     failures = []
@@ -154,6 +170,11 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
         if state.is_failed() and err:
             board.update(sp.name, state="failed", error=err)
             failures.append(f"stage {sp.name}: {err}")
+        elif runner.stopping:  # stopped elsewhere (a Ray worker), or never started
+            started = (board.get(sp.name)["state"] == "running"
+                       or (Path(run.run_dir) / f"{sp.name}.log").exists())
+            err = f"{'' if started else 'not run: '}interrupted ({runner.stopping})"
+            board.update(sp.name, state="failed", error=err)
         else:
             err = "not run: an upstream stage failed"
             board.update(sp.name, state="failed", error=err)
@@ -176,20 +197,32 @@ recipe_flow = flow(wire, name="posttrain", persist_result=False, log_prints=Fals
 
 
 def _launcher(sp: StagePlan) -> list[str]:
-    """The command prefix that starts a stage: python, torchrun or accelerate launch."""
+    """The command prefix that starts a stage: python, torchrun or accelerate launch.
+
+    The launchers run under flows/loopback.py: their c10d stores, the ranks' rendezvous and
+    gloo/NCCL listen on 127.0.0.1 (or POSTTRAIN_BIND_ADDRESS), never on every interface as
+    torchrun's `--standalone` store does."""
     n, accelerate = sp.launch.get("processes", 1), sp.launch.get("accelerate")
     if n == 1 and not accelerate:
         return [sys.executable]
+    address = loopback.bind_address()
+    host = loopback.reach(address)
+    start = [sys.executable, "-m", "flows.loopback", address]
     if accelerate:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                accelerate, "--num_processes", str(n)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(n)]
+        return [*start, "accelerate.commands.launch", "--config_file", accelerate,
+                "--num_processes", str(n), "--main_process_ip", host,
+                "--main_process_port", str(loopback.free_port(host))]
+    return [*start, "torch.distributed.run", "--nnodes", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", loopback.host_port(host, 0), "--local-addr", host,
+            "--nproc_per_node", str(n)]
 
 
 def _stage_error(name: str, state: Any) -> str | None:
     """The stage's own message from a failed task state (its StageFailed, raised remotely)."""
-    exc = state.result(raise_on_failure=False)
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # a returned Failed state holds no result: its message says it
+        exc = None
     text = str(exc) if isinstance(exc, BaseException) else (state.message or "")
     prefix = f"stage {name}: "
     text = text[text.index(prefix) + len(prefix):] if prefix in text else text
@@ -223,4 +256,9 @@ def execute(recipe_name: str, plans: list[StagePlan], run: RunContext,
     RUNTIME[run.run_id]["runner"] = runner
     f = recipe_flow.with_options(task_runner=runner.task_runner(len(plans)),
                                  flow_run_name=run.run_id)
-    return f(recipe_name, plans, run, return_state=True)
+    # SIGINT / SIGTERM stop the runner's stages; the flow then ends by itself, every stage
+    # failed or done, and RUNTIME[run.run_id]["interrupted"] says why ("SIGINT").
+    with procs.on_signals(runner.stop), procs.prefect_api():
+        state = procs.call_in_thread(f, recipe_name, plans, run, return_state=True)
+    RUNTIME[run.run_id]["interrupted"] = runner.stopping
+    return state

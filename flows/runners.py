@@ -15,12 +15,15 @@ Run: used by ``posttrain run --runner threads|ray``; nothing to run on its own.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from flows import loopback
+from flows.procs import Children
 from flows.stagefile import StagePlan
 
 
@@ -34,10 +37,13 @@ def cores(sp: StagePlan) -> tuple[int, int]:
     return max(int(sp.resources.get("cpus", 1)), ranks), ranks
 
 
-def subprocess_launch(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Run `cmd` here as a child process, stdout and stderr into `log_path`; its return code."""
-    with open(log_path, "w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+def subprocess_launch(cmd: list[str], env: dict[str, str], log_path: Path,
+                      children: Children | None = None) -> int:
+    """Run `cmd` here as a child process, stdout and stderr into `log_path`; its return code.
+
+    The child leads its own process group and dies with this process (flows/procs.py);
+    `children` is the run's registry of them, what a SIGINT / SIGTERM of the run stops."""
+    return (children or Children()).run(cmd, env, log_path)
 
 
 class Slots:
@@ -87,8 +93,21 @@ class Runner(Protocol):
     def release(self, sp: StagePlan) -> None:
         """Give back what `reserve` took."""
 
+    def track(self, future: Any) -> None:
+        """A submitted stage task's future: what `stop` cancels where it cannot reach the
+        stage's process itself (a Ray worker's child)."""
+
     def launch(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        """Start the stage's command, wait for it; its return code (-N: killed by signal N)."""
+        """Start the stage's command, wait for it; its return code (-N: killed by signal N).
+        Raises Interrupted instead of starting it once `stop` was called."""
+
+    @property
+    def stopping(self) -> str | None:
+        """Why the run stops ("SIGINT", "SIGTERM") once `stop` was called, else None."""
+
+    def stop(self, why: str) -> None:
+        """The run was interrupted: start no stage, stop the running ones (SIGTERM, a short
+        grace, SIGKILL) and return at once; called from a signal handler."""
 
 
 class ThreadsRunner:
@@ -101,6 +120,7 @@ class ThreadsRunner:
     def __init__(self, cpus: int = 1, max_parallel: int = 1) -> None:
         self.cpus = cpus
         self.slots = Slots(cpus, max_parallel)
+        self.children = Children()
 
     @classmethod
     def check(cls) -> None:
@@ -121,7 +141,17 @@ class ThreadsRunner:
         self.slots.give(cores(sp)[0], self.cpus)
 
     def launch(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        return subprocess_launch(cmd, env, log_path)
+        return subprocess_launch(cmd, env, log_path, self.children)
+
+    def track(self, future: Any) -> None:
+        pass  # `stop` reaches the children themselves
+
+    @property
+    def stopping(self) -> str | None:
+        return self.children.stopping
+
+    def stop(self, why: str) -> None:
+        self.children.stop(why)  # a stage waiting for a slot gets one, then Interrupted
 
 
 class RayRunner:
@@ -133,23 +163,34 @@ class RayRunner:
 
     def __init__(self, cpus: int = 1, max_parallel: int = 1) -> None:
         self.cpus = cpus
+        self._stopping: str | None = None
+        self._futures: list[Any] = []  # the run's Ray task futures: what `stop` cancels
 
     @classmethod
     def check(cls) -> None:
+        # Found, not imported: importing it loads Prefect and Ray before the CLI has set
+        # PREFECT_HOME (the run would then write ~/.prefect) and Ray's address switch.
         try:
-            import prefect_ray  # noqa: F401
-        except ImportError:
+            found = importlib.util.find_spec("prefect_ray") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             raise RunnerUnavailable("--runner ray needs prefect-ray: pip install "
-                                    "'posttrain[ray]' (or run with --runner threads)") from None
+                                    "'posttrain[ray]' (or run with --runner threads)")
 
     def task_runner(self, n_stages: int) -> Any:
+        # RAY_ADDRESS (or `ray start` on this node) joins a cluster; otherwise a local Ray
+        # instance is started for the run, listening on 127.0.0.1 (POSTTRAIN_BIND_ADDRESS),
+        # and stopped after it. Either way the workers get the run's Prefect home and quiet
+        # settings (flows/cli.py `_quiet_env`), so nothing lands in ~/.prefect.
+        init: dict[str, Any] = {"runtime_env": {"env_vars": {
+            k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}}}
+        if not os.environ.get("RAY_ADDRESS"):
+            init.update(include_dashboard=False, num_cpus=self.cpus, log_to_driver=False,
+                        **_local_ray_address(loopback.bind_address()))
         from prefect_ray import RayTaskRunner  # optional extra: pip install posttrain[ray]
 
-        # RAY_ADDRESS (or `ray start` on this node) joins a cluster; otherwise a local Ray
-        # instance is started for the run and stopped after it.
-        joins = bool(os.environ.get("RAY_ADDRESS"))
-        return RayTaskRunner(init_kwargs={} if joins else {
-            "include_dashboard": False, "num_cpus": self.cpus, "log_to_driver": False})
+        return RayTaskRunner(init_kwargs=init)
 
     def submit_options(self, sp: StagePlan) -> contextlib.AbstractContextManager[Any]:
         from prefect_ray.context import remote_options
@@ -165,6 +206,62 @@ class RayRunner:
     def launch(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)  # on another node, maybe
         return subprocess_launch(cmd, env, log_path)
+
+    @property
+    def stopping(self) -> str | None:
+        return self._stopping
+
+    def track(self, future: Any) -> None:
+        self._futures.append(future)
+        if self.stopping:  # submitted after the signal
+            _ray_cancel([future.wrapped_future])
+
+    def stop(self, why: str) -> None:
+        """Cancel the run's Ray tasks, force=True (in a thread: this is a signal handler): Ray
+        kills the workers that run them, and each stage child, losing its worker, kills its
+        process group (flows/procs.py). The flow then ends; a local Ray instance stops with
+        it, as after any run."""
+        if self.stopping is None:
+            self._stopping = why
+            refs = [f.wrapped_future for f in self._futures]
+            threading.Thread(target=_ray_cancel, args=(refs,), daemon=True).start()
+
+
+# What a Ray worker must see of the run's environment (a cluster's workers see none of it).
+WORKER_ENV = (
+    "PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "PREFECT_SERVER_UI_ENABLED", "PREFECT_LOGGING_LEVEL",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY",
+    "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", loopback.BIND_ENV,
+)
+
+
+def _local_ray_address(address: str) -> dict[str, Any]:
+    """ray.init arguments (and the switch) for a local Ray instance that listens on `address`.
+
+    Ray 2.60 ignores `_node_ip_address="127.0.0.1"` (it swaps in the machine's address) and
+    then listens on every interface (GCS, raylet, object manager, agents, workers). With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it takes 127.0.0.1 as the node's address and every
+    process listens there; the flag is read when Ray is imported, so it is also set on an
+    already imported Ray. Another address is advertised as the node's; Ray then listens on
+    every interface (it cannot be narrowed to one)."""
+    if not loopback.is_loopback(address):
+        return {} if loopback.is_wildcard(address) else {"_node_ip_address": address}
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # raylet, agents, workers
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("0", "false"):
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    return {"_node_ip_address": address}
+
+
+def _ray_cancel(refs: list[Any]) -> None:
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):  # done already, or Ray is going away
+            ray.cancel(ref, force=True)
 
 
 # name -> runner class: the only table (`--runner` choices and messages come from it).

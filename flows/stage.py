@@ -6,8 +6,13 @@ Its input is one `StagePlan` (flows/stagefile.py): the flow's plan file (`--plan
 as planned without re-reading the recipe, or, by hand (`posttrain stage RECIPE STAGE`), the plan
 of that stage and its ancestors only. Either way the same code builds it: it refuses if the
 stage's code changed since it was planned, resolves its inputs in the store (they must be there
-already), builds the payload in a staging directory, writes the manifest last, points
-`refs/<recipe>/<stage>` at the key and mirrors the stage to MLflow (never fatal). Under a
+already), checks their files against their manifests before training (artifacts/verify.py;
+sizes, and sha256 unless `verify_inputs: size`), builds the payload in a staging directory,
+writes the manifest last, points
+`refs/<recipe>/<stage>` at the key and only then mirrors the stage to MLflow (never fatal;
+the run ids go to the store's `mlflow.json` beside the manifest; a failed build or publish is
+a FAILED MLflow run with the reason, and no model or version). A full disk is an exit-2 error
+naming the path and the free space. Under a
 launcher (`launch: {processes: N}`), every rank reads the same plan and trains; rank 0 alone
 locks, publishes, tracks and writes the `StageResult`, and the rank count must match the plan's.
 
@@ -32,7 +37,7 @@ from typing import Any
 
 from artifacts import manifest as manifest_mod
 from artifacts.refs import ArtifactRef, Inputs, StageInputError
-from artifacts.store import Store, atomic_write
+from artifacts.store import NoSpaceError, RefError, Store, atomic_write, guard_space
 from flows.plan import PlannedStage, plan, upstream
 from flows.recipe import RecipeError, parse
 from flows.stagefile import StagePlan, StageResult
@@ -53,8 +58,9 @@ class ProgressWriter:
         row = {"t": now, "step": step, "total": total,
                **{k: float(v) for k, v in dict(metrics).items()
                   if isinstance(v, int | float)}}
-        if self.path:
-            with open(self.path, "a") as f:
+        if self.path:  # in the run's state dir: a full disk there is named as such
+            with guard_space(self.path, "point --state-dir elsewhere"), \
+                    open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.tty:
             width = 30
@@ -78,27 +84,58 @@ def _ref(store: Store, key: str) -> ArtifactRef:
                        stage=m.get("stage", "?"), recipe=m.get("recipe", "?"), manifest=m)
 
 
+def _input_keys(sp: StagePlan) -> list[tuple[str, str | None, str, str]]:
+    """(role, name within the role or None, key, parent stage) of every input of the plan:
+    `use:` pins included, since the plan lists every input by key."""
+    out = []
+    for role, value in sp.input_keys.items():
+        pairs = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, key in pairs:
+            out.append((role, sub, key,
+                        (sp.parents[role][sub] if sub else sp.parents[role])["stage"]))
+    return out
+
+
+def _verify_inputs(sp: StagePlan, inputs: Inputs) -> dict[str, Any]:
+    """Check every input's payload against its manifest (sizes; sha256 unless the stage says
+    `verify_inputs: size`) before training: a corrupted or planted parent file must stop the
+    stage (exit 2), not be trained on under the clean parent's key."""
+    from artifacts import verify
+
+    checks = []
+    for role, sub, key, parent in _input_keys(sp):
+        ref: ArtifactRef = getattr(inputs, role)[sub] if sub else getattr(inputs, role)
+        if ref.recipe == sp.recipe:
+            rebuild = f"posttrain run {sp.recipe_file} --force {ref.stage}"
+        else:  # pinned with `use:`: its own recipe builds it
+            rebuild = (f"it is pinned from recipe {ref.recipe!r}: rebuild it there, posttrain "
+                       f"run <{ref.recipe} recipe file> --force {ref.stage}")
+        checks.append(verify.Input(
+            label=f"input {role}{'.' + sub if sub else ''} (stage {parent!r})", key=key,
+            root=ref.path, manifest=ref.manifest,
+            fix=f"check it with `posttrain verify {key}`; rebuild it: {rebuild}; "
+                "then run this stage again"))
+    return verify.check(checks, sp.verify_inputs, stage=sp.name)
+
+
 def _inputs(sp: StagePlan, store: Store) -> tuple[Inputs, dict[str, Any]]:
     refs: dict[str, Any] = {}
     edges: dict[str, Any] = {}
     recipe_file = sp.recipe_file
-    for role, value in sp.input_keys.items():
-        pairs = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, key in pairs:
-            parent = (sp.parents[role][sub] if sub else sp.parents[role])["stage"]
-            if not store.has(key):
-                raise StageInputError(
-                    f"{recipe_file}: stage {sp.name!r}: its input {role}{'.' + sub if sub else ''}"
-                    f" (stage {parent!r}, key {key[:12]}) is not in the store {store.uri}; build "
-                    f"it first: posttrain run {recipe_file}")
-            ref = _ref(store, key)
-            edge = {"key": key, "recipe": ref.recipe, "stage": ref.stage, "kind": ref.kind}
-            if sub:
-                refs.setdefault(role, {})[sub] = ref
-                edges.setdefault(role, {})[sub] = edge
-            else:
-                refs[role] = ref
-                edges[role] = edge
+    for role, sub, key, parent in _input_keys(sp):
+        if not store.has(key):
+            raise StageInputError(
+                f"{recipe_file}: stage {sp.name!r}: its input {role}{'.' + sub if sub else ''}"
+                f" (stage {parent!r}, key {key[:12]}) is not in the store {store.uri}; build "
+                f"it first: posttrain run {recipe_file}")
+        ref = _ref(store, key)
+        edge = {"key": key, "recipe": ref.recipe, "stage": ref.stage, "kind": ref.kind}
+        if sub:
+            refs.setdefault(role, {})[sub] = ref
+            edges.setdefault(role, {})[sub] = edge
+        else:
+            refs[role] = ref
+            edges[role] = edge
     return Inputs(**refs), edges
 
 
@@ -234,12 +271,16 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
             store.set_ref(sp.recipe, stage, sp.key)
             write_pointer(pointer, store, sp, sp.recipe)
             return StageResult(stage, sp.key, "reused", round(time.time() - t0, 3))
+        # Rank 0 alone, before any training: a mismatch fails the launch group (nothing kept).
+        verified = _verify_inputs(sp, inputs)
         module = _module(sp, world)
         config = module.Config(**sp.config)
         staged = store.staging_dir(sp.key)
         try:
             started = time.time()
-            metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
+            # The payload is written into the store's staging: a full disk there is the store's.
+            with guard_space(staged, "point --store elsewhere"):
+                metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
             ended = time.time()
             metrics = dict(metrics or {})
             warnings = list(sp.warnings) + list(metrics.pop("warnings", []) or [])
@@ -250,16 +291,24 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
                 code_files=sp.code_files, metrics=metrics, started=started, ended=ended,
                 sft_root=_sft_root(sp, inputs), warnings=warnings, run_id=run_id)
             man["key"] = sp.key
+            man["inputs_verified"] = verified
             if sp.spec.launch.distributed:
                 man["launch"] = {"processes": world, "accelerate": sp.launch.get("accelerate")}
-            man["mlflow"] = _track(man, state_dir, tracking_uri, parent_run, store.uri, staged)
-            store.publish(sp.key, staged, man,
-                          before_manifest=lambda: _fault(stage, "kill-before-manifest"))
+            from flows.procs import check_parent
+
+            check_parent()  # the run that started this stage died: an orphan publishes nothing
+            published = store.publish(
+                sp.key, staged, man, before_manifest=lambda: _fault(stage, "kill-before-manifest"))
+        except Exception as e:  # nothing was published: MLflow may say so, and nothing more
+            _track_failure(sp, e, state_dir, tracking_uri, parent_run, run_id)
+            raise
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
+    # Publish first, mirror second: the ref, the pointer and MLflow only name a stored key.
     store.set_ref(sp.recipe, stage, sp.key)
     write_pointer(pointer, store, sp, sp.recipe)
+    _track(published, store, state_dir, tracking_uri, parent_run)
     for w in warnings:
         print(f"warning: stage {stage}: {w}", file=sys.stderr)
     ev = metrics.get("eval") or {}
@@ -269,9 +318,11 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     return StageResult(stage, sp.key, "trained", round(time.time() - t0, 3))
 
 
-def _track(man: dict[str, Any], state_dir: Path, tracking_uri: str | None,
-           parent_run: str | None, store_uri: str, staged: Path) -> dict[str, Any] | None:
-    """Mirror the stage to MLflow before publishing, so the manifest can hold the run ids.
+def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str | None,
+           parent_run: str | None) -> dict[str, Any] | None:
+    """Mirror a published stage to MLflow (run, LoggedModel, registered version), then record
+    the run ids in the store's sidecar beside the manifest: the manifest is immutable once
+    published, and MLflow must never name a key that is not stored. Never fatal.
 
     POSTTRAIN_TRACKING=off skips it; =upload also uploads the weights to MLflow (a second
     copy; by default the LoggedModel only points at the store)."""
@@ -281,5 +332,32 @@ def _track(man: dict[str, Any], state_dir: Path, tracking_uri: str | None,
     from artifacts.tracking import Tracker
 
     tracker = Tracker(tracking_uri, state_dir, upload=mode == "upload")
-    return tracker.log_stage(man, "trained", parent_run, store_uri,
-                             payload_dir=staged if mode == "upload" else None)
+    ids = tracker.log_stage(man, "trained", parent_run, store.uri,
+                            payload_dir=store.local_path(man["key"]) if mode == "upload" else None)
+    if ids:
+        try:
+            store.set_mlflow_ids(man["key"], ids)
+        except (OSError, RefError) as e:  # the artifact is stored and MLflow has the run
+            print(f"warning: stage {man.get('stage')}: MLflow run {ids.get('run_id')} not "
+                  f"recorded beside the manifest ({e})", file=sys.stderr)
+    return ids
+
+
+def _track_failure(sp: StagePlan, e: BaseException, state_dir: Path, tracking_uri: str | None,
+                   parent_run: str | None, run_id: str | None) -> None:
+    """A stage whose build or publish failed: a FAILED MLflow stage run with the reason, and
+    nothing else (no LoggedModel, no registered version: its key is not stored). Never masks
+    the stage's own error."""
+    if os.environ.get("POSTTRAIN_TRACKING", "on") == "off":
+        return
+    from artifacts.tracking import Tracker
+
+    user = isinstance(e, StageInputError | RefError | NoSpaceError | RecipeError)
+    reason = str(e) if user else f"{type(e).__name__}: {e}"
+    stage = {"key": sp.key, "recipe": sp.recipe, "stage": sp.name, "kind": sp.kind,
+             "config": sp.config, "run_id": run_id}
+    try:
+        Tracker(tracking_uri, state_dir).log_failure(stage, reason, parent_run)
+    except Exception as err:  # e.g. the state dir is full too: the stage's error comes first
+        print(f"warning: stage {sp.name}: failure not recorded in MLflow ({err})",
+              file=sys.stderr)

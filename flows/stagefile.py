@@ -16,7 +16,7 @@ Run: written and read by ``posttrain run`` and ``posttrain stage``; nothing to r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,11 @@ def _check(cls: type, doc: Any, source: str, types: dict[str, tuple[type, ...]])
         raise StageFileError(f"{source}: {what} format {doc.get('format')!r}, this posttrain "
                              f"reads format {FORMAT}: plan and run with the same version")
     names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in doc]
+    # A field added later with a default (verify_inputs, user_error) may be absent: a file
+    # written just before an upgrade still reads, as the default. Every other field must be.
+    optional = {f.name for f in fields(cls) if f.default is not MISSING
+                or f.default_factory is not MISSING}
+    missing = [n for n in names if n not in doc and n not in optional]
     unknown = sorted(set(doc) - set(names) - {"format"})
     if missing or unknown:
         raise StageFileError(f"{source}: not a {what}: "
@@ -53,6 +57,8 @@ def _check(cls: type, doc: Any, source: str, types: dict[str, tuple[type, ...]])
                                          + ([f"unknown field(s) {', '.join(unknown)}"]
                                             if unknown else [])))
     for n in names:
+        if n not in doc:  # an optional field left out: its default
+            continue
         want = types[n]
         v = doc[n]
         if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
@@ -101,13 +107,16 @@ class StagePlan:
     warnings: tuple[str, ...] = ()  # plan-time warnings, stored in the manifest
     sets: tuple[str, ...] = ()  # the run's --set overrides (for people reading the file)
     use: str | None = None  # the pinned ref of a `use:` stage
+    # How the stage checks its inputs against their manifests before training: "hash" (sha256
+    # of every file) or "size". Not in the key: it changes no trained byte (flows/recipe.py).
+    verify_inputs: str = "hash"
 
     TYPES = {"recipe": (str,), "recipe_file": (str,), "stage": (str,), "kind": (str,),
              "key": (str,), "config": (dict,), "input_keys": (dict,), "parents": (dict,),
              "code_digest": (str,), "code_files": (dict,), "data_digests": (dict,),
              "launch": (dict,), "resources": (dict,), "retries": (int,), "status": (str,),
              "reasons": (list,), "warnings": (list,), "sets": (list,),
-             "use": (str, type(None))}
+             "use": (str, type(None)), "verify_inputs": (str,)}
 
     @property
     def name(self) -> str:
@@ -122,7 +131,8 @@ class StagePlan:
                   for role, v in self.parents.items()}
         return StageSpec(self.stage, self.kind, self.config, inputs,
                          Resources(**self.resources), self.retries, self.use,
-                         launch=Launch(**self.launch), warnings=self.warnings)
+                         launch=Launch(**self.launch), warnings=self.warnings,
+                         verify_inputs=self.verify_inputs)
 
     def parent_stages(self) -> list[str]:
         """Names of the stages this one waits for."""
@@ -144,7 +154,7 @@ class StagePlan:
                    launch=asdict(spec.launch), resources=asdict(spec.resources),
                    retries=spec.retries, status=ps.status, reasons=tuple(ps.reasons),
                    warnings=tuple(getattr(spec, "warnings", ()) or ()),
-                   sets=tuple(recipe.sets), use=spec.use)
+                   sets=tuple(recipe.sets), use=spec.use, verify_inputs=spec.verify_inputs)
 
     def to_json(self) -> str:
         doc = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -157,9 +167,13 @@ class StagePlan:
         if doc["status"] not in ("fresh", "run"):
             raise StageFileError(f"{source}: StagePlan.status is fresh or run, got "
                                  f"{doc['status']!r}")
+        if doc.get("verify_inputs", "hash") not in ("hash", "size"):
+            raise StageFileError(f"{source}: StagePlan.verify_inputs is hash or size, got "
+                                 f"{doc['verify_inputs']!r}")
         args = {k: v for k, v in doc.items() if k != "format"}
         for k in ("reasons", "warnings", "sets"):
-            args[k] = tuple(args[k])
+            if k in args:
+                args[k] = tuple(args[k])
         return cls(**args)
 
     def write(self, path: str | Path) -> Path:
@@ -181,9 +195,12 @@ class StageResult:
     status: str
     seconds: float = 0.0
     error: str | None = field(default=None)
+    # The failure is the user's to fix (a bad input, recipe or ref: what `posttrain stage`
+    # exits 2 for), so `posttrain run` exits 2 when every failure is one.
+    user_error: bool = False
 
     TYPES = {"stage": (str,), "key": (str,), "status": (str,), "seconds": (float, int),
-             "error": (str, type(None))}
+             "error": (str, type(None)), "user_error": (bool,)}
 
     @property
     def ok(self) -> bool:

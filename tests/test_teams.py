@@ -90,7 +90,7 @@ def test_use_builds_on_another_teams_teachers_without_retraining(spine):
 def test_teacher_from_another_sft_is_refused_before_training(spine):
     recipe = _write(spine["root"], "team_c", TEAM_C % {"name": "team_c", "allow": "false"})
     rc, out, err = run_cli("run", *_args(spine, recipe, "--no-tracking"))
-    assert rc == 1
+    assert rc == 2, err  # a user error (StageInputError) through `posttrain run`: exit 2
     rows = {r["stage"]: r for r in json.loads(out)}
     assert rows["mopd"]["status"] == "failed"
     store = Store(spine["store"])
