@@ -16,6 +16,7 @@ Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -104,11 +105,24 @@ def launch_stage(sp: StagePlan, run: RunContext) -> StageResult | State:
             return _interrupted(sp, board, f"interrupted ({runner.stopping})")
         if result.status == "failed":
             board.update(sp.name, state="failed", ended=time.time(), error=result.error)
-            raise StageFailed(f"stage {sp.name}: {result.error} (log: {files['log']})")
+            message = f"stage {sp.name}: {result.error} (log: {files['log']})"
+            if _attempt() <= sp.retries:  # an exception is what makes Prefect retry
+                raise StageFailed(message)
+            # The last attempt: a Failed state, so the user reads the stage's own error line
+            # (the run prints it) instead of Prefect's traceback of our wrapper.
+            return Failed(message=message)
         board.update(sp.name, state=result.status, ended=time.time())
         return result
     finally:
         runner.release(sp)
+
+
+def _attempt() -> int:
+    """1-based attempt number of the running task (1 outside Prefect's engine)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return int(getattr(getattr(ctx, "task_run", None), "run_count", 1) or 1) if ctx else 1
 
 
 def _interrupted(sp: StagePlan, board: Any, error: str) -> Any:
@@ -244,6 +258,12 @@ def _post_artifacts(run_id: str) -> None:
         print(f"warning: could not post Prefect artifacts: {e}", file=sys.stderr)
 
 
+def _quiet_task_failure(record: logging.LogRecord) -> bool:
+    """Drop Prefect's ERROR records of a failed stage task (a traceback of our wrapper, then
+    its state): the board and the run's `error: stage NAME: ...` line say it once, plainly."""
+    return record.levelno < logging.ERROR
+
+
 def execute(recipe_name: str, plans: list[StagePlan], run: RunContext,
             max_parallel: int) -> Any:
     """Run the flow on `run.runner`; returns the flow's final state.
@@ -251,6 +271,7 @@ def execute(recipe_name: str, plans: list[StagePlan], run: RunContext,
     RUNTIME[run.run_id] must hold "board" and "figures_fn" () -> (lineage markdown, eval rows)
     beforehand; the StageResults land in RUNTIME[run.run_id]["results"], in plan order.
     """
+    logging.getLogger("prefect.task_runs").addFilter(_quiet_task_failure)
     cpus = max(os.cpu_count() or 1, max_parallel)
     runner = RUNNERS[run.runner](cpus, max_parallel)
     RUNTIME[run.run_id]["runner"] = runner

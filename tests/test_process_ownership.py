@@ -278,3 +278,20 @@ def test_a_stage_whose_parent_died_kills_its_group_and_publishes_nothing(tmp_pat
     monkeypatch.setattr(procs, "_watched", os.getppid() + 100000)  # "started by another"
     with pytest.raises(procs.Orphaned):
         procs.check_parent()
+
+
+def test_a_stage_killed_by_a_signal_prints_one_error_line_and_no_traceback(tmp_path):
+    """A stage that dies (here by SIGKILL) is reported once, by the run: no Prefect traceback
+    of the wrapper, no ERROR log lines of its task."""
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text("name: ft\nstages:\n  data: {kind: data, domains: [arith], size: 16}\n"
+                      "  base: {kind: base, hidden_size: 16, num_layers: 1, num_heads: 2,"
+                      " intermediate_size: 32, eval_n: 0}\n")
+    env = dict(os.environ, POSTTRAIN_FAULT="base:kill")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([*POSTTRAIN, "run", str(recipe), "--no-tracking", "--state-dir",
+                           str(tmp_path / "state"), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: stage base: killed by signal SIGKILL" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
