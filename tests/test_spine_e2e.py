@@ -44,9 +44,15 @@ def test_first_run_trains_every_stage_with_parallel_specialists(world):
         r["stage"]: r["key"] for r in rows}
 
 
-def test_second_run_trains_nothing_and_plan_is_fresh(world):
+def test_second_run_trains_nothing_and_plan_is_fresh(world, monkeypatch):
+    import flows.run
+
+    runs_before = set((world["state"] / "runs").iterdir())
+    # Every stage fresh: the run answers from the plan, without starting a flow.
+    monkeypatch.setattr(flows.run, "execute", lambda *a, **k: pytest.fail("flow started"))
     rc, rows = _cli(world, "run")
     assert rc == 0 and {r["status"] for r in rows} == {"reused"}
+    assert set((world["state"] / "runs").iterdir()) == runs_before  # no run dir, no MLflow run
     rc, plan = _cli(world, "plan")
     assert rc == 0 and {p["status"] for p in plan} == {"fresh"}
 
