@@ -22,6 +22,10 @@ KINDS: dict[str, str] = {
     "sft": "tasks.sft",
     "grpo": "tasks.grpo",
     "mopd": "tasks.mopd",
+    "generate": "tasks.generate",
+    "reward_model": "tasks.reward_model",
+    "dpo": "tasks.dpo",
+    "ppo": "tasks.ppo",
 }
 
 

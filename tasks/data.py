@@ -7,9 +7,19 @@ from a user JSONL file (`path`), every row validated: each needs `prompt`, `comp
 raises StageInputError naming ``path:line`` and the fix. Extra columns of user rows are
 kept (a consumer may route on them, e.g. mopd ``route_key: source``). User rows whose prompt
 falls in the held-out split are kept but counted in a warning (they would inflate held-out
-accuracy).
+accuracy). With ``flagged: f`` a fraction of generated prompts is flagged for safety (see
+tasks/domains.py: prefixed "!", completion "refuse", a ``flagged`` column on every row).
 
-Writes ``out_dir/train.jsonl``; metrics ``{"rows": n, "domains": {domain: count}}``.
+Preference data is first-class: a user file whose rows carry ``chosen`` and ``rejected``
+(strings that differ) instead of ``completion`` is a preference data set, rows
+``prompt, chosen, rejected, domain`` plus any extra columns, kept as they are (the
+reward_model and dpo kinds read them; `generate` with ``mode: pairs`` writes them). One shape
+per file: a file mixing both is refused at its first odd row. The shape is part of the
+dataset's schema, which the `columns` hook reports at plan time (so `sft` refuses preference
+data and `dpo` completion data before anything runs) and the manifest records.
+
+Writes ``out_dir/train.jsonl``; metrics ``{"rows": n, "domains": {domain: count}, "schema":
+{"shape": "completion" | "preference", "columns": [every row's columns]}}``.
 
 Run: ``python -m tasks.data /tmp/data arith reverse`` writes 1,000 rows of each.
 """
@@ -67,6 +77,11 @@ class Config(BaseModel):
         MAX_ROW_BYTES, ge=1, description="Longest accepted line of a user file, in bytes: a "
         "larger row is refused with its path:line (a whole corpus on one line, a stray binary).",
     )
+    flagged: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of generated prompts flagged for safety "
+        "(prefixed '!', completion 'refuse', answer kept; rows get a `flagged` column): the "
+        "property a second, safety reward model judges (tasks.domains.safe). Generated data only.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> Config:
@@ -75,6 +90,8 @@ class Config(BaseModel):
             raise ValueError(f"domains listed twice: {self.domains}")
         if self.path is None and not self.domains:
             raise ValueError("give `domains` to generate, or `path` to a JSONL file")
+        if self.flagged and self.path is not None:
+            raise ValueError("`flagged` applies to generated data only; remove it or `path`")
         if self.mix is not None:
             if self.path is not None:
                 raise ValueError("`mix` applies to generated data only; remove it or `path`")
@@ -138,9 +155,26 @@ def read_rows(path: Path, keep: list[str] | None = None,
             if not isinstance(row, dict):
                 raise StageInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             rows.append(_normalise(row, where))
+            if shape_of(rows[-1]) != shape_of(rows[0]):
+                raise StageInputError(
+                    f"{where}: a {shape_of(rows[-1])} row in a file of {shape_of(rows[0])} rows "
+                    f"(line 1 sets the shape); one shape per file: split it into two data stages"
+                )
     if not rows:
         raise StageInputError(f"{path}: no rows; a data file needs at least one JSON object")
     return [r for r in rows if not keep or r["domain"] in keep]
+
+
+PAIR = ("chosen", "rejected")
+
+
+def shape_of(row: dict) -> str:
+    """"preference" for a row with chosen/rejected, else "completion".
+
+    >>> shape_of({"prompt": "1+1=", "chosen": "2", "rejected": "3"}), shape_of({"completion": "2"})
+    ('preference', 'completion')
+    """
+    return "preference" if any(k in row for k in PAIR) else "completion"
 
 
 def _normalise(row: dict, where: str) -> dict:
@@ -154,6 +188,18 @@ def _normalise(row: dict, where: str) -> dict:
             f"{where}: unknown domain {row['domain']!r}; use one of {', '.join(_domains.DOMAINS)} "
             "or add a domain to tasks/domains.py"
         )
+    if "chosen" in row or "rejected" in row:  # a preference row: kept as it is
+        for field in PAIR:
+            if not isinstance(row.get(field), str):
+                raise StageInputError(f"{where}: a preference row needs string fields 'chosen' "
+                                      f"and 'rejected'; {field!r} is missing or not a string")
+        if row["chosen"] == row["rejected"]:
+            raise StageInputError(f"{where}: 'chosen' equals 'rejected' ({row['chosen']!r}): "
+                                  "the pair prefers nothing; drop the row or fix one side")
+        if "completion" in row:
+            raise StageInputError(f"{where}: a preference row (chosen/rejected) also has a "
+                                  "'completion'; keep one shape: drop 'completion'")
+        return dict(row)
     completion, answer = row.get("completion"), row.get("answer")
     if not isinstance(completion, str) and not isinstance(answer, str):
         raise StageInputError(
@@ -176,7 +222,8 @@ def generate_rows(config: Config) -> list[dict]:
     weights = config.mix or {d: 1.0 for d in config.domains}
     counts = apportion(config.size, {d: float(weights[d]) for d in config.domains})
     rows = [
-        r for d in config.domains for r in _domains.generate(d, counts[d], config.seed, "train")
+        r for d in config.domains
+        for r in _domains.generate(d, counts[d], config.seed, "train", config.flagged)
     ]
     random.Random(config.seed).shuffle(rows)
     return rows
@@ -202,10 +249,24 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     per_domain: dict[str, int] = {}
     for r in rows:
         per_domain[r["domain"]] = per_domain.get(r["domain"], 0) + 1
-    metrics: dict = {"rows": len(rows), "domains": per_domain}
+    metrics: dict = {"rows": len(rows), "domains": per_domain, "schema": schema(rows)}
+    if config.flagged:
+        metrics["flagged"] = sum(bool(r.get("flagged")) for r in rows)
     if warnings:
         metrics["warnings"] = warnings
     return metrics
+
+
+def schema(rows: list[dict]) -> dict[str, Any]:
+    """The row schema a dataset's manifest records: its shape and the columns every row has.
+
+    >>> schema([{"prompt": "1+1=", "chosen": "2", "rejected": "3", "domain": "arith"}])
+    {'shape': 'preference', 'columns': ['chosen', 'domain', 'prompt', 'rejected']}
+    """
+    common: set[str] = set(rows[0]) if rows else set()
+    for r in rows[1:]:
+        common &= set(r)
+    return {"shape": shape_of(rows[0]) if rows else "completion", "columns": sorted(common)}
 
 
 # -- the kind contract's plan-time hooks (tasks/kind.py) ------------------------------------
@@ -280,11 +341,15 @@ def _scanned(config: dict[str, Any]) -> tuple[frozenset[str], dict[str, frozense
 
 
 def columns(config: dict[str, Any]) -> set[str] | None:
-    """Columns of every row this stage writes (None: a user file too large to scan)."""
+    """Columns of every row this stage writes (None: a user file too large to scan). A
+    preference file's rows are kept as they are (no completion/answer added), so a kind that
+    reads `completion` refuses them at plan time, and one that reads `chosen` the others."""
     if not config.get("path"):
-        return set(BASE_COLUMNS)
+        return set(BASE_COLUMNS) | ({"flagged"} if config.get("flagged") else set())
     scanned = _scanned(config)
-    return None if scanned is None else set(scanned[0] | BASE_COLUMNS)
+    if scanned is None:
+        return None
+    return set(scanned[0]) if set(PAIR) & scanned[0] else set(scanned[0] | BASE_COLUMNS)
 
 
 def route_values(config: dict[str, Any], column: str) -> set[str] | None:

@@ -8,6 +8,31 @@ Each domain turns a `random.Random` into a (prompt, answer) pair of plain text (
 - ``max``     ``"max:47,12,85="``   -> ``"85"``    (largest of three 2-digit numbers)
 - ``count``   ``"count:k:xkqkvk="`` -> ``"3"``     (occurrences, 1-5, of a letter in 4-8 letters)
 
+Added for recipes with many experts (DeepSeek V4, Nemotron 3 Ultra; the five above and their
+prompt formats are unchanged, so the demo's calibration stands):
+
+- ``sub``     ``"12-34="``          -> ``"-22"``   (a-b, operands 0..99, negative results too)
+- ``half``    ``"half:694="``       -> ``"347"``   (half of an even number 0..19998)
+- ``min``     ``"min:47,12,85="``   -> ``"12"``    (smallest of three 2-digit numbers)
+- ``dedup``   ``"dedup:aabccc="``   -> ``"abc"``   (collapse the runs of 2-4 letters, 1-3 each)
+- ``succ``    ``"succ:abz="``       -> ``"bca"``   (next letter of each of 3-5, z wraps to a)
+- ``vowels``  ``"vowels:hqeikt="``  -> ``"2"``     (vowels, 0-3 uniform, in 5-8 letters)
+- ``palin``   ``"pal:abcba="``      -> ``"yes"``   (4-7 letters; "no" ones are near misses)
+- ``cmp``     ``"cmp:47,85="``      -> ``"lt"``    (two distinct 2-digit numbers: lt or gt)
+
+Each space holds well over 5,000 problems, so every domain has 500 distinct held-out problems.
+Chosen so that errors of a small model vary (carries, signs, positions, counts) rather than
+collapse onto one majority answer; measured after SFT in the README's domains table.
+
+**Safety, a second property** (Llama 2's helpfulness vs safety reward models): with
+``generate(..., flagged=f)`` a fraction f of prompts is *flagged*: prefixed with ``FLAG`` ("!"),
+completion ``REFUSAL`` ("refuse"), answer unchanged, and every row carries a bool ``flagged``
+column. `safe(prompt, completion)` is the pure judge: a flagged prompt must be refused, any
+completion of another prompt is safe. The verifier still judges helpfulness (the answer), so on
+flagged prompts the two properties pull apart, as Llama 2's two reward models do. A flagged
+prompt is split by its own text like any other; its unflagged twin may sit in the other split
+(what is learnt from a flagged prompt is the refusal, not the answer). Evaluation is unflagged.
+
 The demo's fourth domain is ``max``, not ``count`` (why, measured with bench/calibrate_stages.py):
 GRPO raises greedy accuracy only where the SFT model's wrong answers are near misses that it
 sometimes samples right. With letters uniform over a-z, ``count`` answers 0 or 1 nearly always and
@@ -38,6 +63,8 @@ from dataclasses import dataclass
 
 SPLITS = ("train", "heldout")
 HELDOUT_MOD = 10  # 1 problem in 10 is held out
+FLAG = "!"  # a flagged prompt starts with it (no domain's prompt does otherwise)
+REFUSAL = "refuse"  # the safe completion of a flagged prompt
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,65 @@ def _gen_count(rng: random.Random) -> tuple[str, str]:
     return f"count:{target}:{''.join(chars)}=", str(k)
 
 
+# -- the domains added for recipes with many experts (issue 9); the five above are unchanged --
+
+VOWELS = "aeiou"
+
+
+def _gen_sub(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a}-{b}=", str(a - b)
+
+
+def _gen_half(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 9999)  # halving runs left to right, the way the model writes digits
+    return f"half:{2 * n}=", str(n)
+
+
+def _gen_min(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.randint(10, 99) for _ in range(3)]
+    return "min:" + ",".join(map(str, xs)) + "=", str(min(xs))
+
+
+def _gen_dedup(rng: random.Random) -> tuple[str, str]:
+    runs: list[str] = []
+    for _ in range(rng.randint(2, 4)):  # adjacent runs differ, so the answer has one per run
+        runs.append(rng.choice([c for c in string.ascii_lowercase if not runs or c != runs[-1]]))
+    body = "".join(c * rng.randint(1, 3) for c in runs)
+    return f"dedup:{body}=", "".join(runs)
+
+
+def _gen_succ(rng: random.Random) -> tuple[str, str]:
+    s = _letters(rng, 3, 5)
+    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+    return f"succ:{s}=", shifted
+
+
+def _gen_vowels(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(5, 8)
+    k = rng.randint(0, 3)  # uniform count: no majority class for the SFT model to learn
+    consonants = [c for c in string.ascii_lowercase if c not in VOWELS]
+    chars = [rng.choice(VOWELS) for _ in range(k)] + [rng.choice(consonants) for _ in range(n - k)]
+    rng.shuffle(chars)
+    return f"vowels:{''.join(chars)}=", str(k)
+
+
+def _gen_palin(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(4, 7)
+    half = _letters(rng, (n + 1) // 2, (n + 1) // 2)
+    word = list(half + half[: n // 2][::-1])
+    if rng.random() < 0.5:  # a near miss: one letter of a palindrome changed (not the middle)
+        i = rng.choice([j for j in range(n) if 2 * j + 1 != n])
+        word[i] = rng.choice([c for c in string.ascii_lowercase if c != word[i]])
+    s = "".join(word)
+    return f"pal:{s}=", "yes" if s == s[::-1] else "no"
+
+
+def _gen_cmp(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(range(10, 100), 2)
+    return f"cmp:{a},{b}=", "lt" if a < b else "gt"
+
+
 DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in (
@@ -101,6 +187,14 @@ DOMAINS: dict[str, Domain] = {
             _exact,
             "occurrences (1-5, uniform) of a letter in 4-8 letters, 'count:k:xkqk=' -> '2'",
         ),
+        Domain("sub", _gen_sub, _exact, "a-b with operands 0..99, '12-34=' -> '-22'"),
+        Domain("half", _gen_half, _exact, "half of an even 0..19998, 'half:694=' -> '347'"),
+        Domain("min", _gen_min, _exact, "min of three 2-digit numbers, 'min:47,12,85=' -> '12'"),
+        Domain("dedup", _gen_dedup, _exact, "collapse 2-4 runs, 'dedup:aabccc=' -> 'abc'"),
+        Domain("succ", _gen_succ, _exact, "next letter of 3-5 (z->a), 'succ:abz=' -> 'bca'"),
+        Domain("vowels", _gen_vowels, _exact, "0-3 vowels in 5-8 letters, 'vowels:hqeik=' -> '2'"),
+        Domain("palin", _gen_palin, _exact, "4-7 letters a palindrome? 'pal:abcba=' -> 'yes'"),
+        Domain("cmp", _gen_cmp, _exact, "compare two 2-digit numbers, 'cmp:47,85=' -> 'lt'"),
     )
 }
 
@@ -122,26 +216,37 @@ def _domain(name: str) -> Domain:
         raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}") from None
 
 
-def generate(domain: str, n: int, seed: int, split: str = "train") -> list[dict]:
-    """`n` problems of `domain` from `split`, deterministic in (domain, n, seed, split).
+def generate(
+    domain: str, n: int, seed: int, split: str = "train", flagged: float = 0.0
+) -> list[dict]:
+    """`n` problems of `domain` from `split`, deterministic in (domain, n, seed, split, flagged).
 
     Rows are {"prompt", "completion", "answer", "domain"} with completion == answer. Held-out rows
     are distinct problems (so accuracy is over n different prompts); training rows are drawn with
-    replacement.
+    replacement. With ``flagged`` > 0 that fraction of prompts is flagged (``FLAG`` prefixed,
+    completion ``REFUSAL``, answer unchanged) and every row carries a bool ``flagged`` column;
+    with 0 (the default) the rows are exactly those of a call without it.
 
     >>> rows = generate("arith", 3, seed=0)
     >>> [r["domain"] for r in rows], rows == generate("arith", 3, seed=0)
     (['arith', 'arith', 'arith'], True)
     >>> all(verify("arith", r["completion"], r["answer"]) for r in rows)
     True
+    >>> rows = generate("sub", 200, seed=0, flagged=0.25)
+    >>> 30 < sum(r["flagged"] for r in rows) < 70, all(r["prompt"].startswith(FLAG) ==
+    ...     r["flagged"] and safe(r["prompt"], r["completion"]) for r in rows)
+    (True, True)
     """
     dom = _domain(domain)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= flagged <= 1.0:
+        raise ValueError(f"flagged is a fraction in [0, 1], got {flagged}")
     # A string seed is hashed with sha512 by `random`, so the stream is stable across processes.
     rng = random.Random(f"{domain}|{seed}|{split}")
+    flag_rng = random.Random(f"{domain}|{seed}|{split}|flagged")  # own stream: rng is untouched
     rows: list[dict] = []
     seen: set[str] = set()
     budget = 1000 * n + 10_000  # rejection sampling; the held-out set is ~10% of the space
@@ -150,11 +255,37 @@ def generate(domain: str, n: int, seed: int, split: str = "train") -> list[dict]
         if budget < 0:
             raise ValueError(f"domain {domain!r} has fewer than {n} distinct {split} problems")
         prompt, answer = dom.generator(rng)
+        flag = bool(flagged) and flag_rng.random() < flagged
+        prompt = FLAG + prompt if flag else prompt
         if split_of(prompt) != split or (split == "heldout" and prompt in seen):
             continue
         seen.add(prompt)
-        rows.append({"prompt": prompt, "completion": answer, "answer": answer, "domain": domain})
+        row = {"prompt": prompt, "completion": REFUSAL if flag else answer, "answer": answer,
+               "domain": domain}
+        rows.append({**row, "flagged": flag} if flagged else row)
     return rows
+
+
+def is_flagged(prompt: str) -> bool:
+    """Whether a prompt is flagged (starts with ``FLAG``): a safe completion refuses it.
+
+    >>> is_flagged("!12+34="), is_flagged("12+34=")
+    (True, False)
+    """
+    return prompt.startswith(FLAG)
+
+
+def safe(prompt: str, completion: str) -> bool:
+    """The second property, besides correctness: a flagged prompt must be refused (completion
+    ``REFUSAL``); any completion of an unflagged prompt is safe (over-refusal is unhelpful, which
+    the verifier scores, not unsafe).
+
+    >>> safe("!12+34=", "refuse"), safe("!12+34=", " refuse "), safe("!12+34=", "46")
+    (True, True, False)
+    >>> safe("12+34=", "46"), safe("12+34=", "refuse"), safe("12+34=", "47")
+    (True, True, True)
+    """
+    return not is_flagged(prompt) or completion.strip() == REFUSAL
 
 
 def verify(domain: str, completion: str, answer: str) -> bool:
@@ -166,6 +297,26 @@ def verify(domain: str, completion: str, answer: str) -> bool:
     (True, False)
     >>> verify("sort", "", "abcd"), verify("count", "3", "3")
     (False, True)
+
+    One generated problem of each added domain (seed 0), and what its verifier accepts:
+
+    >>> for name in ("sub", "half", "min", "dedup", "succ", "vowels", "palin", "cmp"):
+    ...     prompt, answer = DOMAINS[name].generator(random.Random(0))
+    ...     print(name, prompt, answer, verify(name, answer, answer))
+    sub 49-97= -48 True
+    half half:12622= 6311 True
+    min min:59,63,15= 15 True
+    dedup dedup:yynnnbb= ynb True
+    succ succ:ynbi= zocj True
+    vowels vowels:tpamuiqt= 3 True
+    palin pal:bippqib= no True
+    cmp cmp:59,63= lt True
+    >>> verify("sub", "48", "-48"), verify("half", "06311", "6311"), verify("min", "59", "15")
+    (False, False, False)
+    >>> verify("dedup", "yynb", "ynb"), verify("succ", "zocj ", "zocj"), verify("vowels", "2", "3")
+    (False, True, False)
+    >>> verify("palin", "yes", "no"), verify("palin", "no\\n", "no"), verify("cmp", "gt", "lt")
+    (False, True, False)
     """
     return _domain(domain).verifier(completion, answer)
 

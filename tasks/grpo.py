@@ -13,6 +13,16 @@ specialist's regressions elsewhere are visible) and the final model is saved.
 beta > 0 the reference is the `reference` input when given, else the `init` model; it must share
 the student's tokenizer (checked). vLLM generation (`use_vllm`) needs vllm importable and CUDA.
 
+Rewards from reward models: `reward_model:` names one RM stage (route `rm`) or a map
+{name: RM stage} (Llama 2's helpfulness and safety). Each RM is one more reward function, scored
+on the text it was trained on (tasks/rm_scoring.py), weighted by `reward_weights[name]` (default
+1.0) beside the verifier's `verifier_weight` (default 1.0; 0: RM only, the verifier is still
+computed and logged). TRL sums the weighted rewards before the group advantage. The history keeps
+the verifier's mean (`verifier`, the sampled accuracy) and each RM's raw mean score (`rm/<name>`)
+apart, so an RM score that climbs while accuracy falls (reward hacking) shows. Every RM must share
+the policy's tokenizer (checked before training). With no RM the reward is the verifier alone,
+exactly as before.
+
 Departures from TRL defaults (why): fp32 and no gradient checkpointing (tiny model, CPU);
 logging every step (the reward curve is the `history` metric). Other GRPOConfig fields go in
 `trainer: {...}`.
@@ -23,8 +33,10 @@ Run: ``python -m tasks.grpo INIT_DIR DATA_DIR OUT_DIR DOMAIN [max_steps]``.
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
-from tasks.kind import Role, train_rows
+from tasks.kind import KindCheckError, Node, Role, train_rows
 
 PRODUCES = "model"
 ROLES = {
@@ -40,6 +52,9 @@ ROLES = {
     "data": train_rows("prompt", "answer", "domain",
                        description="Prompts with answers, each judged by its domain's verifier."),
     "reference": Role("model", required=False, description="KL reference (beta > 0)."),
+    "reward_model": Role("reward_model", required=False, many=True, default_name="rm",
+                         description="Reward models scoring each sample beside the verifier: one "
+                         "stage, or {name: stage}, weighted by `reward_weights`."),
 }
 
 _TRL_FIELDS = (
@@ -86,6 +101,12 @@ class Config(BaseModel):
     )
     seed: int = Field(0, description="Seed of prompt order and sampling.")
     eval_n: int = Field(500, ge=0, description="Held-out problems per domain for evaluation.")
+    reward_weights: dict[str, float] = Field(
+        default_factory=dict, description="Weight of each `reward_model` route's score, by name "
+        "(a route not listed: 1.0).")
+    verifier_weight: float = Field(
+        1.0, ge=0, description="Weight of the verifier's 0/1 reward (0: reward models only; "
+        "the verifier is still logged).")
     trainer: dict[str, Any] = Field(
         default_factory=dict, description="Extra TRL GRPOConfig fields, passed through as is."
     )
@@ -103,12 +124,31 @@ class Config(BaseModel):
                 f"per_device_train_batch_size {self.per_device_train_batch_size} must be a "
                 f"multiple of num_generations {self.num_generations}"
             )
+        bad = {k: w for k, w in self.reward_weights.items() if not math.isfinite(w)}
+        if bad:
+            raise ValueError(f"reward_weights must be finite numbers: {bad}")
         return self
 
 
 def trained_domains(config: dict[str, Any]) -> set[str] | None:
     """Kind hook: the domains this stage trains on (None: every row of its data)."""
     return set(config["domains"]) if config.get("domains") else None
+
+
+def check(node: Node, nodes: Mapping[str, Node]) -> list[str]:
+    """Kind hook, at plan time: every `reward_weights` name is a `reward_model` route, and
+    some reward is left (verifier_weight 0 needs a reward model)."""
+    routes = dict(node.inputs.get("reward_model") or {})
+    for name in node.config.get("reward_weights") or {}:
+        if name not in routes:
+            have = f"its routes are {', '.join(sorted(routes))}" if routes else "it has none"
+            raise KindCheckError(("reward_weights", name), f"{name!r} is not a `reward_model` "
+                                 f"route ({have}); name a route, or add `reward_model: "
+                                 f"{{{name}: STAGE}}`")
+    if not routes and node.config.get("verifier_weight", 1.0) == 0:
+        raise KindCheckError(("verifier_weight",), "verifier_weight 0 leaves no reward: add a "
+                             "`reward_model:` or give the verifier a weight")
+    return []
 
 
 def domain_reward(
@@ -165,6 +205,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from tasks import models
     from tasks.data import data_file
     from tasks.evaluate import evaluate
+    from tasks.rm_scoring import policy_rewards
     from tasks.sft import init_ref, read_jsonl, require_columns
 
     models.quiet()
@@ -198,6 +239,9 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
             model.config._name_or_path = str(inputs.reference.path)
         else:
             warnings.append("a reference input was given but beta == 0: it is not used")
+    reward_funcs, reward_weights, rm_keys = policy_rewards(
+        domain_reward, inputs.reward_model, config.reward_weights, config.verifier_weight,
+        tokenizer, model.config)
 
     history: list[dict] = []
     keys = {
@@ -211,6 +255,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         "num_tokens": "num_tokens",
     }
     keys.update({f"reward/{d}": f"reward/{d}" for d in _domains.DOMAINS})
+    keys.update(rm_keys)
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
     args = {
@@ -224,6 +269,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         ),
         **config.trainer,
         **config.model_dump(include=set(_TRL_FIELDS)),
+        **({"reward_weights": reward_weights} if reward_weights else {}),
     }
     try:
         grpo_args = GRPOConfig(**args)
@@ -231,7 +277,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         raise StageInputError(f"invalid GRPOConfig from the stage's fields: {e}") from e
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[domain_reward],
+        reward_funcs=reward_funcs,
         args=grpo_args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -259,6 +305,11 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "rows": float(len(rows)),
     }
+    for name in rm_keys.values():  # first point and mean of the last 10, as for `reward`
+        curve = [h[name] for h in history if name in h]
+        if curve:
+            train[f"first_{name}"], train[f"final_{name}"] = curve[0], sum(curve[-10:]) / len(
+                curve[-10:])
     eval_domains = config.eval_domains if config.eval_domains is not None else present
     scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
     metrics: dict = {"eval": scores, "train": train, "history": models.subsample(history)}

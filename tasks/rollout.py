@@ -6,6 +6,9 @@ runs one model on a chunk; `score` puts a chunk's teacher log-probs next to the 
 student and its teacher always run on the very same chunk, so identical weights give
 bit-identical log-probs (advantage and KL exactly 0: tests/test_mopd.py).
 
+`sample_texts` (K completions of each prompt, as text) is the `generate` kind's: text in, text
+out, on the same loop.
+
 Run: ``python -m pytest tests/test_mopd.py -q``.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,3 +164,40 @@ def score(
             teacher_logp_full=logp_t,
             kl_sum=kl,
         )
+
+
+# -- text in, text out: the `generate` kind's sampling -----------------------------------
+
+
+def sample_texts(model: Any, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
+                 temperature: float, generator: Any = None,
+                 batch_size: int = 512) -> tuple[list[list[str]], list[list[bool]], int]:
+    """K sampled completions of each prompt (text up to eos), whether each ended with eos
+    (False: cut at `max_new_tokens`), and the tokens generated.
+
+    Prompts are sorted by length so a batch carries little left padding; each batch is one
+    KV-cached `sample` call (`generator` seeds it).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    seqs = [(i, j) for i in order for j in range(k)]
+    out: list[list[str]] = [[""] * k for _ in prompts]
+    ended: list[list[bool]] = [[False] * k for _ in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    tokens = 0
+    try:
+        for s in range(0, len(seqs), batch_size):
+            part = seqs[s : s + batch_size]
+            enc = tokenizer([prompts[i] for i, _ in part], return_tensors="pt", padding=True)
+            roll = sample(model, enc["input_ids"].to(device),
+                          enc["attention_mask"].to(device), max_new_tokens, temperature,
+                          tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            tokens += int(roll.mask.sum())
+            texts = tokenizer.batch_decode(roll.tokens.tolist(), skip_special_tokens=True)
+            stopped = (roll.tokens == tokenizer.eos_token_id).any(1).tolist()
+            for (i, j), text, stop in zip(part, texts, stopped, strict=True):
+                out[i][j], ended[i][j] = text, stop
+    finally:
+        tokenizer.padding_side = side
+    return out, ended, tokens

@@ -87,3 +87,85 @@ def test_unknown_domain_and_split_are_refused() -> None:
 def test_domain_records_are_frozen() -> None:
     with pytest.raises(AttributeError):
         domains.DOMAINS["arith"].name = "x"  # type: ignore[misc]
+
+
+# ---- the domains added for many-expert recipes, and the safety property (issue 9) ----
+
+ORIGINAL = ("arith", "reverse", "sort", "max", "count")
+# sha256 (first 16 hex) of generate(d, 300, 0) + generate(d, 100, 1234, "heldout"), as built
+# before the new domains were added: the demo recipe is calibrated on these streams.
+ORIGINAL_STREAMS = {"arith": "62204f71e85722b7", "reverse": "12141092a50763c6",
+                    "sort": "88481a9302c7f9b9", "max": "364bb75189f07f33",
+                    "count": "ea563b248d2159f8"}
+
+
+def test_twelve_or_more_domains_and_the_original_streams_are_unchanged() -> None:
+    import hashlib
+    import json
+
+    assert len(DOMAINS) >= 12 and list(DOMAINS)[:5] == list(ORIGINAL)
+    for name, digest in ORIGINAL_STREAMS.items():
+        rows = generate(name, 300, 0) + generate(name, 100, 1234, "heldout")
+        assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == digest, name
+
+
+def _solve(name: str, body: str) -> str:
+    """An independent solver of each added domain, from the prompt text alone."""
+    if name == "sub":
+        a, b = body.split("-")
+        return str(int(a) - int(b))
+    arg = body.split(":", 1)[1]
+    if name == "half":
+        assert int(arg) % 2 == 0
+        return str(int(arg) // 2)
+    if name == "min":
+        return str(min(int(x) for x in arg.split(",")))
+    if name == "dedup":
+        return "".join(c for i, c in enumerate(arg) if i == 0 or arg[i - 1] != c)
+    if name == "succ":
+        return "".join("a" if c == "z" else chr(ord(c) + 1) for c in arg)
+    if name == "vowels":
+        return str(sum(c in "aeiou" for c in arg))
+    if name == "palin":
+        return "yes" if arg == arg[::-1] else "no"
+    if name == "cmp":
+        a, b = (int(x) for x in arg.split(","))
+        assert a != b
+        return "lt" if a < b else "gt"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [n for n in DOMAINS if n not in ORIGINAL])
+def test_added_domains_answer_what_the_prompt_asks(name: str) -> None:
+    rows = generate(name, 500, seed=11)
+    for r in rows:
+        assert r["answer"] == _solve(name, r["prompt"][:-1]), r
+        assert len(r["answer"]) + 1 <= 8  # answer and eos fit the demo's max_completion_length
+    answers = Counter(r["answer"] for r in rows)
+    assert max(answers.values()) / len(rows) < 0.6, answers.most_common(3)  # no majority class
+
+
+def test_flagged_rows_refuse_and_keep_their_answer() -> None:
+    plain = generate("arith", 400, seed=2)
+    rows = generate("arith", 400, seed=2, flagged=0.3)
+    assert "flagged" not in plain[0] and generate("arith", 400, seed=2, flagged=0.0) == plain
+    flagged = [r for r in rows if r["flagged"]]
+    assert 80 < len(flagged) < 160
+    for r in rows:
+        assert r["flagged"] == domains.is_flagged(r["prompt"]) == r["prompt"].startswith("!")
+        assert domains.safe(r["prompt"], r["completion"])
+        assert split_of(r["prompt"]) == "train"
+    for r in flagged:
+        assert r["completion"] == domains.REFUSAL and r["answer"] == _arith(r["prompt"][1:-1])
+        assert not domains.safe(r["prompt"], r["answer"])  # helpful there is unsafe
+        assert verify("arith", r["answer"], r["answer"])
+    held = generate("sub", 300, seed=0, split="heldout", flagged=0.5)
+    assert len({r["prompt"] for r in held}) == 300 and all(split_of(r["prompt"]) == "heldout"
+                                                         for r in held)
+    with pytest.raises(ValueError, match="fraction"):
+        generate("arith", 1, 0, flagged=1.5)
+
+
+def _arith(body: str) -> str:
+    a, b = body.split("+")
+    return str(int(a) + int(b))

@@ -1,7 +1,7 @@
 """Content keys and `posttrain plan`: what makes a stage stale, and nothing else.
 
 - content_key changes with each ingredient (kind, config, inputs, data, code) and only then;
-- code digests follow project imports transitively (tasks.mopd -> tasks/compat.py);
+- code digests follow project imports transitively (tasks.mopd -> tasks/mopd_loss.py);
 - in a copy of the project (flows/ tasks/ artifacts/ + tests/recipes/spine_tiny.yaml) with
   every stage faked into a store and a lock written, `plan --json` says all fresh; appending a
   statement to a helper or a kind module marks exactly its users and their descendants, with
@@ -93,7 +93,9 @@ def test_code_files_follow_project_imports() -> None:
     assert "tasks/__init__.py" not in mopd  # the kind table: adding a kind stales nothing
     for kind in ("grpo", "sft"):
         assert "tasks/evaluate.py" in _rel(f"tasks.{kind}")
-    assert "tasks/compat.py" not in _rel("tasks.grpo") | _rel("tasks.sft")
+    # grpo checks its reward models' tokenizers (tasks/compat.py); sft consumes no other model
+    assert "tasks/compat.py" in _rel("tasks.grpo") and "tasks/compat.py" not in _rel("tasks.sft")
+    assert "tasks/mopd_loss.py" not in _rel("tasks.grpo") | _rel("tasks.sft")
     digest = keys.code_digest("tasks.mopd")
     assert digest == keys.code_digest("tasks.mopd") and digest != keys.code_digest("tasks.sft")
     for path, sha in code_files("tasks.mopd"):
@@ -156,7 +158,7 @@ def test_cached_recipe_plans_all_fresh(cached: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("edited,code_changed,downstream", [
-    ("tasks/compat.py", {"mopd_r1", "mopd"}, set()),
+    ("tasks/mopd_loss.py", {"mopd_r1", "mopd"}, set()),
     ("tasks/grpo.py", {"rl_arith", "rl_reverse"}, {"mopd_r1", "mopd"}),
 ])
 def test_editing_a_module_marks_exactly_its_users(
@@ -176,9 +178,9 @@ def test_editing_a_module_marks_exactly_its_users(
     for s in downstream:
         assert f"code changed: {edited}" not in rows[s]["reasons"], rows[s]
         assert any(r.startswith("upstream changed: ") for r in rows[s]["reasons"]), rows[s]
-    if edited == "tasks/compat.py":
+    if edited == "tasks/mopd_loss.py":
         assert rows["mopd"]["reasons"] == ["upstream changed: mopd_r1",
-                                           "code changed: tasks/compat.py"]
+                                           "code changed: tasks/mopd_loss.py"]
     for s in set(STAGES) - code_changed - downstream:
         assert rows[s]["status"] == "fresh" and rows[s]["key"] == before[s]["key"]
 

@@ -51,7 +51,8 @@ def test_data_generates_train_split_rows(tmp_path: Path) -> None:
     cfg = data.Config(domains=["arith", "sort"], mix={"arith": 3, "sort": 1}, size=40, seed=1)
     metrics = data.run(cfg, Inputs(), tmp_path, no_progress)
     rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert metrics == {"rows": 40, "domains": {"arith": 30, "sort": 10}}
+    assert metrics == {"rows": 40, "domains": {"arith": 30, "sort": 10}, "schema": {
+        "shape": "completion", "columns": ["answer", "completion", "domain", "prompt"]}}
     assert len(rows) == 40 and {r["domain"] for r in rows} == {"arith", "sort"}
     assert all(domains.split_of(r["prompt"]) == "train" for r in rows)
     assert data.run(cfg, Inputs(), tmp_path / "again", no_progress) == metrics
