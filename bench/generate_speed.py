@@ -6,9 +6,11 @@ e.g. an SFT checkpoint), the prompts (``--prompts`` training prompts of ``--doma
 K = ``--k`` samples of each, ``--max-new-tokens``, temperature 1 with no top-k / top-p, fp32,
 torch threads = ``--threads``, and the very same batches: prompts sorted by length, each
 repeated K times, ``--batch`` sequences per call, left-padded by the same tokenizer call.
-`ours` is `tasks.rollout.sample_texts` (what `generate` runs: one KV-cached `rollout.sample`
-per batch, decoded to text); `hf` is ``model.generate(do_sample=True, ...)`` on each batch,
-decoded the same way. Both stop a batch when every sequence has emitted eos.
+`ours` is `tasks.rollout.sample_texts` (what `generate` runs: one KV-cached
+`rollout.sample_many` per batch, which prefills each prompt once and repeats its cache K times,
+and drops a row from the batch once it has emitted eos; decoded to text); `hf` is
+``model.generate(do_sample=True, ...)`` on each batch (K copies of each prompt), decoded the
+same way; it stops a batch when every sequence has emitted eos.
 
 samples/s = samples / wall seconds of one pass over all prompts (tokenizing, sampling and
 decoding; verification and selection are not timed, they are the same for any sampler). The
@@ -94,8 +96,8 @@ def hf(model: Any, tok: Any, prompts: list[str], args: argparse.Namespace) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model dir (default: demo-sized tiny Llama, random init)")
-    p.add_argument("--domains", default="arith,reverse,sort,max,count,sub,half,min,dedup,succ,"
-                   "vowels,palin,cmp")
+    p.add_argument("--domains", default="arith,reverse,sort,max,count,sub,double,min,dedup,"
+                   "succ,vowels,palin,evens")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
     p.add_argument("--batch", type=int, default=512, help="sequences per sampling call")

@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=300)
     p.add_argument("--ppo-steps", type=int, default=100)
     p.add_argument("--ppo", default="{}", help="JSON of extra ppo Config fields")
+    p.add_argument("--name", default="ppo", help="directory (under --out) of this PPO run")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", default="", help="stages to rebuild: data,sft,sft_rm,pairs,rm (ppo "
@@ -209,17 +210,17 @@ def main() -> None:
     cfg = ppo.Config(**{"max_steps": a.ppo_steps, "verifier_weight": 0.0,
                         "value_init": "reward_model", "eval_n": 0, **json.loads(a.ppo)})
     t = time.perf_counter()
-    shutil.rmtree(out / "ppo", ignore_errors=True)
+    shutil.rmtree(out / a.name, ignore_errors=True)
     metrics = ppo.run(cfg, Inputs(init=_ref(out / "sft", "sft"),
                                   data={"train": _ref(out / "data", "data")},
                                   reward_model={"rm": _ref(out / "rm", "reward_model")}),
-                      out / "ppo", _say(10))
+                      out / a.name, _say(10))
     secs["ppo"] = time.perf_counter() - t
-    res = compare(a, ["sft", "ppo"])
+    res = compare(a, ["sft", a.name])
     print(f"\nppo config: {cfg.model_dump_json()}")
     print(f"{'':<22}" + "".join(f"{d:>10}" for d in a.domains) + f"{'mean':>10}")
     for what in ("accuracy", "rm"):
-        for name in ("sft", "ppo"):
+        for name in ("sft", a.name):
             vals = [res[name][what][d] for d in a.domains]
             print(f"{what + ' ' + ('init' if name == 'sft' else 'ppo'):<22}"
                   + "".join(f"{v:>10.3f}" for v in vals) + f"{sum(vals) / len(vals):>10.3f}")
@@ -227,7 +228,7 @@ def main() -> None:
     print("sampled (first vs last tenth of PPO steps): " + " ".join(
         f"{k}={train[k]:.3f}" for k in sorted(train) if k.endswith(("/first", "/last"))))
     print("seconds:", {k: round(v) for k, v in secs.items()})
-    (out / "results.json").write_text(json.dumps(
+    (out / f"results_{a.name}.json").write_text(json.dumps(
         {"compare": res, "rm_quality": quality, "train": train, "seconds": secs,
          "config": cfg.model_dump()}, indent=1))
 

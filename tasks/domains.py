@@ -12,13 +12,13 @@ Added for recipes with many experts (DeepSeek V4, Nemotron 3 Ultra; the five abo
 prompt formats are unchanged, so the demo's calibration stands):
 
 - ``sub``     ``"12-34="``          -> ``"-22"``   (a-b, operands 0..99, negative results too)
-- ``half``    ``"half:694="``       -> ``"347"``   (half of an even number 0..19998)
+- ``double``  ``"dbl:4718="``       -> ``"9436"``  (twice a number 0..9999)
 - ``min``     ``"min:47,12,85="``   -> ``"12"``    (smallest of three 2-digit numbers)
 - ``dedup``   ``"dedup:aabccc="``   -> ``"abc"``   (collapse the runs of 2-4 letters, 1-3 each)
 - ``succ``    ``"succ:abz="``       -> ``"bca"``   (next letter of each of 3-5, z wraps to a)
 - ``vowels``  ``"vowels:hqeikt="``  -> ``"2"``     (vowels, 0-3 uniform, in 5-8 letters)
 - ``palin``   ``"pal:abcba="``      -> ``"yes"``   (4-7 letters; "no" ones are near misses)
-- ``cmp``     ``"cmp:47,85="``      -> ``"lt"``    (two distinct 2-digit numbers: lt or gt)
+- ``evens``   ``"evens:abcde="``    -> ``"ace"``   (every other letter of 4-9, from the first)
 
 Each space holds well over 5,000 problems, so every domain has 500 distinct held-out problems.
 Chosen so that errors of a small model vary (carries, signs, positions, counts) rather than
@@ -125,9 +125,9 @@ def _gen_sub(rng: random.Random) -> tuple[str, str]:
     return f"{a}-{b}=", str(a - b)
 
 
-def _gen_half(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 9999)  # halving runs left to right, the way the model writes digits
-    return f"half:{2 * n}=", str(n)
+def _gen_double(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 9999)  # each digit's carry comes from the next digit: a lookahead of one
+    return f"dbl:{n}=", str(2 * n)
 
 
 def _gen_min(rng: random.Random) -> tuple[str, str]:
@@ -169,9 +169,9 @@ def _gen_palin(rng: random.Random) -> tuple[str, str]:
     return f"pal:{s}=", "yes" if s == s[::-1] else "no"
 
 
-def _gen_cmp(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.sample(range(10, 100), 2)
-    return f"cmp:{a},{b}=", "lt" if a < b else "gt"
+def _gen_evens(rng: random.Random) -> tuple[str, str]:
+    s = _letters(rng, 4, 9)
+    return f"evens:{s}=", s[::2]
 
 
 DOMAINS: dict[str, Domain] = {
@@ -188,13 +188,13 @@ DOMAINS: dict[str, Domain] = {
             "occurrences (1-5, uniform) of a letter in 4-8 letters, 'count:k:xkqk=' -> '2'",
         ),
         Domain("sub", _gen_sub, _exact, "a-b with operands 0..99, '12-34=' -> '-22'"),
-        Domain("half", _gen_half, _exact, "half of an even 0..19998, 'half:694=' -> '347'"),
+        Domain("double", _gen_double, _exact, "twice 0..9999, 'dbl:4718=' -> '9436'"),
         Domain("min", _gen_min, _exact, "min of three 2-digit numbers, 'min:47,12,85=' -> '12'"),
         Domain("dedup", _gen_dedup, _exact, "collapse 2-4 runs, 'dedup:aabccc=' -> 'abc'"),
         Domain("succ", _gen_succ, _exact, "next letter of 3-5 (z->a), 'succ:abz=' -> 'bca'"),
         Domain("vowels", _gen_vowels, _exact, "0-3 vowels in 5-8 letters, 'vowels:hqeik=' -> '2'"),
         Domain("palin", _gen_palin, _exact, "4-7 letters a palindrome? 'pal:abcba=' -> 'yes'"),
-        Domain("cmp", _gen_cmp, _exact, "compare two 2-digit numbers, 'cmp:47,85=' -> 'lt'"),
+        Domain("evens", _gen_evens, _exact, "letters 1, 3, 5.. of 4-9, 'evens:abcde=' -> 'ace'"),
     )
 }
 
@@ -300,22 +300,22 @@ def verify(domain: str, completion: str, answer: str) -> bool:
 
     One generated problem of each added domain (seed 0), and what its verifier accepts:
 
-    >>> for name in ("sub", "half", "min", "dedup", "succ", "vowels", "palin", "cmp"):
+    >>> for name in ("sub", "double", "min", "dedup", "succ", "vowels", "palin", "evens"):
     ...     prompt, answer = DOMAINS[name].generator(random.Random(0))
     ...     print(name, prompt, answer, verify(name, answer, answer))
     sub 49-97= -48 True
-    half half:12622= 6311 True
+    double dbl:6311= 12622 True
     min min:59,63,15= 15 True
     dedup dedup:yynnnbb= ynb True
     succ succ:ynbi= zocj True
     vowels vowels:tpamuiqt= 3 True
     palin pal:bippqib= no True
-    cmp cmp:59,63= lt True
-    >>> verify("sub", "48", "-48"), verify("half", "06311", "6311"), verify("min", "59", "15")
+    evens evens:ynbiqpm= ybqm True
+    >>> verify("sub", "48", "-48"), verify("double", "01748", "1748"), verify("min", "59", "15")
     (False, False, False)
     >>> verify("dedup", "yynb", "ynb"), verify("succ", "zocj ", "zocj"), verify("vowels", "2", "3")
     (False, True, False)
-    >>> verify("palin", "yes", "no"), verify("palin", "no\\n", "no"), verify("cmp", "gt", "lt")
+    >>> verify("palin", "yes", "no"), verify("palin", "no\\n", "no"), verify("evens", "ace", "acd")
     (False, True, False)
     """
     return _domain(domain).verifier(completion, answer)

@@ -6,8 +6,8 @@ runs one model on a chunk; `score` puts a chunk's teacher log-probs next to the 
 student and its teacher always run on the very same chunk, so identical weights give
 bit-identical log-probs (advantage and KL exactly 0: tests/test_mopd.py).
 
-`sample_texts` (K completions of each prompt, as text) is the `generate` kind's: text in, text
-out, on the same loop.
+`sample_many` (K samples per prompt: one prefill per prompt, finished rows leave the batch) and
+`sample_texts` (the same, text in, text out) are the `generate` kind's sampler.
 
 Run: ``python -m pytest tests/test_mopd.py -q``.
 """
@@ -169,35 +169,85 @@ def score(
 # -- text in, text out: the `generate` kind's sampling -----------------------------------
 
 
+@torch.no_grad()
+def sample_many(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """K samples of each left-padded prompt: [B * K, T] token ids, row b * K + j the j-th sample
+    of prompt b, eos included, pads after it.
+
+    The same sampling as `sample` (softmax at `temperature`, one multinomial draw per step), with
+    two savings that matter for many samples of short answers: each prompt is prefilled once and
+    its KV cache repeated K times, and a row leaves the batch (its cache rows dropped) as soon as
+    it has emitted eos, so later steps run only on the rows still writing.
+    """
+    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    logits = out.logits[:, -1].repeat_interleave(k, dim=0)
+    attn = prompt_mask.repeat_interleave(k, dim=0)
+    last = position_ids[:, -1].repeat_interleave(k, dim=0)
+    tokens = torch.full((attn.shape[0], max_new_tokens), pad_id, dtype=torch.long,
+                        device=prompt_ids.device)
+    rows = torch.arange(attn.shape[0], device=prompt_ids.device)  # original index of each row
+    for t in range(max_new_tokens):
+        probs = F.softmax(logits.float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens[rows, t] = nxt
+        going = nxt != eos_id
+        if t == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):  # finished rows leave the batch
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, nxt, attn, last = rows[keep], nxt[keep], attn[keep], last[keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=last[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return tokens
+
+
 def sample_texts(model: Any, tokenizer: Any, prompts: list[str], k: int, max_new_tokens: int,
                  temperature: float, generator: Any = None,
                  batch_size: int = 512) -> tuple[list[list[str]], list[list[bool]], int]:
     """K sampled completions of each prompt (text up to eos), whether each ended with eos
-    (False: cut at `max_new_tokens`), and the tokens generated.
+    (False: cut at `max_new_tokens`), and the tokens generated (through eos).
 
-    Prompts are sorted by length so a batch carries little left padding; each batch is one
-    KV-cached `sample` call (`generator` seeds it).
+    Prompts are sorted by length so a batch carries little left padding; each batch of
+    ``batch_size // k`` prompts is one `sample_many` call (`generator` seeds it).
     """
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    seqs = [(i, j) for i in order for j in range(k)]
     out: list[list[str]] = [[""] * k for _ in prompts]
     ended: list[list[bool]] = [[False] * k for _ in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    tokens = 0
+    n_tokens, step = 0, max(1, batch_size // k)
     try:
-        for s in range(0, len(seqs), batch_size):
-            part = seqs[s : s + batch_size]
-            enc = tokenizer([prompts[i] for i, _ in part], return_tensors="pt", padding=True)
-            roll = sample(model, enc["input_ids"].to(device),
-                          enc["attention_mask"].to(device), max_new_tokens, temperature,
-                          tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-            tokens += int(roll.mask.sum())
-            texts = tokenizer.batch_decode(roll.tokens.tolist(), skip_special_tokens=True)
-            stopped = (roll.tokens == tokenizer.eos_token_id).any(1).tolist()
-            for (i, j), text, stop in zip(part, texts, stopped, strict=True):
-                out[i][j], ended[i][j] = text, stop
+        for s in range(0, len(order), step):
+            part = order[s : s + step]
+            enc = tokenizer([prompts[i] for i in part], return_tensors="pt", padding=True)
+            ids = sample_many(model, enc["input_ids"].to(device),
+                              enc["attention_mask"].to(device), k, max_new_tokens, temperature,
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            hit = ids == tokenizer.eos_token_id
+            stopped = hit.any(1)
+            n_tokens += int(torch.where(stopped, hit.int().argmax(1) + 1, ids.shape[1]).sum())
+            texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+            for r, (text, stop) in enumerate(zip(texts, stopped.tolist(), strict=True)):
+                out[part[r // k]][r % k], ended[part[r // k]][r % k] = text, stop
     finally:
         tokenizer.padding_side = side
-    return out, ended, tokens
+    return out, ended, n_tokens

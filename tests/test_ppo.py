@@ -167,6 +167,24 @@ def test_one_step_changes_the_weights_and_logs_every_curve(store, tmp_path):
     assert metrics["history"][0]["step"] == 1 and metrics["warnings"] == []
 
 
+def test_the_policy_climbs_a_reward_it_can_reach(tok):
+    """End to end through sampling, scoring, GAE and the clipped updates: a reward for digits in
+    the completion (about 1 character in 10 at random init) rises within 20 steps (measured:
+    0.09 at step 1, 0.38 at step 20, 0.68 at step 30)."""
+    from accelerate import Accelerator
+
+    def digits(rows, texts, ended):
+        got = [sum(c.isdigit() for c in t) / 4 for t in texts]
+        return {"digits": got}, got
+
+    cfg = ppo.Config(**{**FAST, "prompts_per_step": 32}, learning_rate=1e-3)
+    policy, reference = (models.build_tiny_model(tok, seed=0, **SIZE) for _ in range(2))
+    trainer = ppo_trainer.PPOTrainer(cfg, Accelerator(cpu=True), policy, None, reference, tok,
+                                     digits)
+    curve = [trainer.step(_rows(32))["digits"] for _ in range(20)]
+    assert sum(curve[-3:]) > 2 * sum(curve[:3]), curve
+
+
 def _kl_after(store: Path, tmp_path: Path, kl_coef: float, steps: int = 6) -> list[dict]:
     cfg = ppo.Config(**{**FAST, "prompts_per_step": 64}, max_steps=steps, kl_coef=kl_coef,
                      learning_rate=3e-3, verifier_weight=0.0)
