@@ -96,8 +96,8 @@ def hf(model: Any, tok: Any, prompts: list[str], args: argparse.Namespace) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model dir (default: demo-sized tiny Llama, random init)")
-    p.add_argument("--domains", default="arith,reverse,sort,max,count,sub,double,min,dedup,"
-                   "succ,vowels,palin,evens")
+    p.add_argument("--domains", default="arith,reverse,sort,max,count,sub,min,median,digsum,"
+                   "odd,vowels,dedup,palin")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
     p.add_argument("--batch", type=int, default=512, help="sequences per sampling call")

@@ -10,8 +10,9 @@ calling the stage modules directly (no Prefect, no store), everything under --ou
               the policy's init, left with headroom
    sft_rm/    the same, SFT-trained longer: the RM's init (a judge that knows the task better
               than the policy it scores; --rm-sft-steps 0 starts the RM from sft/ instead)
-3. pairs/     preference pairs: chosen = the verified answer, rejected = one of the SFT model's
-              own wrong samples (temperature 1), else a near miss (tasks.reward_model.wrong_answer)
+3. pairs/     preference pairs: chosen = the verified answer, rejected = each distinct wrong
+              sample of the SFT model (4 at temperature 1 per prompt), and one near miss
+              (tasks.reward_model.wrong_answer)
 4. rm/        a reward model trained on the pairs from sft_rm/ (tasks.reward_model: TRL
               RewardTrainer)
 5. ppo/       tasks.ppo from sft/ against rm/ alone (verifier_weight 0: the verifier is only
@@ -110,12 +111,16 @@ def build(a: argparse.Namespace) -> dict:
             if ended and text.strip() and not verify(row["domain"], text, row["answer"]):
                 by_prompt.setdefault(row["prompt"], []).append(text)
         pairs = [{"prompt": r["prompt"], "chosen": r["answer"], "domain": r["domain"],
-                  "rejected": (by_prompt.get(r["prompt"]) or [reward_model.wrong_answer(
-                      r["domain"], r["prompt"], r["answer"])])[0]} for r in rows]
-        own = sum(1 for r in rows if r["prompt"] in by_prompt)
+                  "rejected": wrong}
+                 for r in rows
+                 for wrong in sorted(set(by_prompt.get(r["prompt"], [])))[:a.negatives]
+                 + [reward_model.wrong_answer(r["domain"], r["prompt"], r["answer"])]]
+        random.Random(2).shuffle(pairs)
+        own = len(pairs) - len(rows)
         (out / "pairs").mkdir(parents=True, exist_ok=True)
         (out / "pairs" / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        print(f"pairs: {len(pairs)}, rejected from the SFT model's own samples: {own}")
+        print(f"pairs: {len(pairs)}, rejected = the SFT model's own wrong samples: {own}, "
+              f"a near miss: {len(rows)}")
     if fresh("rm"):
         t = time.perf_counter()
         cfg = reward_model.Config(max_steps=a.rm_steps, eval_n=0)
@@ -185,7 +190,9 @@ def main() -> None:
     p.add_argument("--rm-sft-steps", type=int, default=400, help="SFT steps of the RM's own "
                    "init (a longer-trained judge of the same tokenizer; 0: the policy's init)")
     p.add_argument("--pairs", type=int, default=4000, help="preference pairs for the RM")
-    p.add_argument("--rm-steps", type=int, default=300)
+    p.add_argument("--negatives", type=int, default=4, help="distinct wrong samples of the "
+                   "policy's init per prompt kept as rejected (each prompt also gets a near miss)")
+    p.add_argument("--rm-steps", type=int, default=600)
     p.add_argument("--ppo-steps", type=int, default=100)
     p.add_argument("--ppo", default="{}", help="JSON of extra ppo Config fields")
     p.add_argument("--name", default="ppo", help="directory (under --out) of this PPO run")
@@ -230,6 +237,7 @@ def main() -> None:
     print("seconds:", {k: round(v) for k, v in secs.items()})
     (out / f"results_{a.name}.json").write_text(json.dumps(
         {"compare": res, "rm_quality": quality, "train": train, "seconds": secs,
+         "history": metrics["history"],
          "config": cfg.model_dump()}, indent=1))
 
 

@@ -169,7 +169,7 @@ PAIR = ("chosen", "rejected")
 
 
 def shape_of(row: dict) -> str:
-    """"preference" for a row with chosen/rejected, else "completion".
+    """A row's shape: "preference" with chosen/rejected, else "completion".
 
     >>> shape_of({"prompt": "1+1=", "chosen": "2", "rejected": "3"}), shape_of({"completion": "2"})
     ('preference', 'completion')

@@ -12,13 +12,13 @@ Added for recipes with many experts (DeepSeek V4, Nemotron 3 Ultra; the five abo
 prompt formats are unchanged, so the demo's calibration stands):
 
 - ``sub``     ``"12-34="``          -> ``"-22"``   (a-b, operands 0..99, negative results too)
-- ``double``  ``"dbl:4718="``       -> ``"9436"``  (twice a number 0..9999)
 - ``min``     ``"min:47,12,85="``   -> ``"12"``    (smallest of three 2-digit numbers)
-- ``dedup``   ``"dedup:aabccc="``   -> ``"abc"``   (collapse the runs of 2-4 letters, 1-3 each)
-- ``succ``    ``"succ:abz="``       -> ``"bca"``   (next letter of each of 3-5, z wraps to a)
+- ``median``  ``"med:47,12,85="``   -> ``"47"``    (middle of three 2-digit numbers)
+- ``digsum``  ``"dsum:4718="``      -> ``"20"``    (digit sum of 3-5 digits)
+- ``odd``     ``"odd:4718="``       -> ``"2"``     (odd digits, 0-4 uniform, among 4-8 digits)
 - ``vowels``  ``"vowels:hqeikt="``  -> ``"2"``     (vowels, 0-3 uniform, in 5-8 letters)
+- ``dedup``   ``"dedup:aabccc="``   -> ``"abc"``   (collapse the runs of 2-4 letters, 1-3 each)
 - ``palin``   ``"pal:abcba="``      -> ``"yes"``   (4-7 letters; "no" ones are near misses)
-- ``evens``   ``"evens:abcde="``    -> ``"ace"``   (every other letter of 4-9, from the first)
 
 Each space holds well over 5,000 problems, so every domain has 500 distinct held-out problems.
 Chosen so that errors of a small model vary (carries, signs, positions, counts) rather than
@@ -125,9 +125,22 @@ def _gen_sub(rng: random.Random) -> tuple[str, str]:
     return f"{a}-{b}=", str(a - b)
 
 
-def _gen_double(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 9999)  # each digit's carry comes from the next digit: a lookahead of one
-    return f"dbl:{n}=", str(2 * n)
+def _gen_median(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.randint(10, 99) for _ in range(3)]
+    return "med:" + ",".join(map(str, xs)) + "=", str(sorted(xs)[1])
+
+
+def _gen_digsum(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5)))
+    return f"dsum:{digits}=", str(sum(map(int, digits)))
+
+
+def _gen_odd(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(4, 8)
+    k = rng.randint(0, 4)  # uniform count, as in vowels
+    chars = [rng.choice("13579") for _ in range(k)] + [rng.choice("02468") for _ in range(n - k)]
+    rng.shuffle(chars)
+    return f"odd:{''.join(chars)}=", str(k)
 
 
 def _gen_min(rng: random.Random) -> tuple[str, str]:
@@ -141,12 +154,6 @@ def _gen_dedup(rng: random.Random) -> tuple[str, str]:
         runs.append(rng.choice([c for c in string.ascii_lowercase if not runs or c != runs[-1]]))
     body = "".join(c * rng.randint(1, 3) for c in runs)
     return f"dedup:{body}=", "".join(runs)
-
-
-def _gen_succ(rng: random.Random) -> tuple[str, str]:
-    s = _letters(rng, 3, 5)
-    shifted = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
-    return f"succ:{s}=", shifted
 
 
 def _gen_vowels(rng: random.Random) -> tuple[str, str]:
@@ -169,11 +176,6 @@ def _gen_palin(rng: random.Random) -> tuple[str, str]:
     return f"pal:{s}=", "yes" if s == s[::-1] else "no"
 
 
-def _gen_evens(rng: random.Random) -> tuple[str, str]:
-    s = _letters(rng, 4, 9)
-    return f"evens:{s}=", s[::2]
-
-
 DOMAINS: dict[str, Domain] = {
     d.name: d
     for d in (
@@ -188,13 +190,13 @@ DOMAINS: dict[str, Domain] = {
             "occurrences (1-5, uniform) of a letter in 4-8 letters, 'count:k:xkqk=' -> '2'",
         ),
         Domain("sub", _gen_sub, _exact, "a-b with operands 0..99, '12-34=' -> '-22'"),
-        Domain("double", _gen_double, _exact, "twice 0..9999, 'dbl:4718=' -> '9436'"),
         Domain("min", _gen_min, _exact, "min of three 2-digit numbers, 'min:47,12,85=' -> '12'"),
-        Domain("dedup", _gen_dedup, _exact, "collapse 2-4 runs, 'dedup:aabccc=' -> 'abc'"),
-        Domain("succ", _gen_succ, _exact, "next letter of 3-5 (z->a), 'succ:abz=' -> 'bca'"),
+        Domain("median", _gen_median, _exact, "middle of three 2-digit, 'med:47,12,85=' -> '47'"),
+        Domain("digsum", _gen_digsum, _exact, "digit sum of 3-5 digits, 'dsum:4718=' -> '20'"),
+        Domain("odd", _gen_odd, _exact, "0-4 odd digits among 4-8, 'odd:4718=' -> '2'"),
         Domain("vowels", _gen_vowels, _exact, "0-3 vowels in 5-8 letters, 'vowels:hqeik=' -> '2'"),
+        Domain("dedup", _gen_dedup, _exact, "collapse 2-4 runs, 'dedup:aabccc=' -> 'abc'"),
         Domain("palin", _gen_palin, _exact, "4-7 letters a palindrome? 'pal:abcba=' -> 'yes'"),
-        Domain("evens", _gen_evens, _exact, "letters 1, 3, 5.. of 4-9, 'evens:abcde=' -> 'ace'"),
     )
 }
 
@@ -300,23 +302,23 @@ def verify(domain: str, completion: str, answer: str) -> bool:
 
     One generated problem of each added domain (seed 0), and what its verifier accepts:
 
-    >>> for name in ("sub", "double", "min", "dedup", "succ", "vowels", "palin", "evens"):
+    >>> for name in ("sub", "min", "median", "digsum", "odd", "vowels", "dedup", "palin"):
     ...     prompt, answer = DOMAINS[name].generator(random.Random(0))
     ...     print(name, prompt, answer, verify(name, answer, answer))
     sub 49-97= -48 True
-    double dbl:6311= 12622 True
     min min:59,63,15= 15 True
-    dedup dedup:yynnnbb= ynb True
-    succ succ:ynbi= zocj True
+    median med:59,63,15= 59 True
+    digsum dsum:6048= 18 True
+    odd odd:6164569= 3 True
     vowels vowels:tpamuiqt= 3 True
+    dedup dedup:yynnnbb= ynb True
     palin pal:bippqib= no True
-    evens evens:ynbiqpm= ybqm True
-    >>> verify("sub", "48", "-48"), verify("double", "01748", "1748"), verify("min", "59", "15")
+    >>> verify("sub", "48", "-48"), verify("min", "59", "15"), verify("median", "059", "59")
     (False, False, False)
-    >>> verify("dedup", "yynb", "ynb"), verify("succ", "zocj ", "zocj"), verify("vowels", "2", "3")
-    (False, True, False)
-    >>> verify("palin", "yes", "no"), verify("palin", "no\\n", "no"), verify("evens", "ace", "acd")
-    (False, True, False)
+    >>> verify("digsum", "18 ", "18"), verify("odd", "4", "3"), verify("vowels", "3", "3")
+    (True, False, True)
+    >>> verify("dedup", "yynb", "ynb"), verify("palin", "yes", "no"), verify("palin", "no\\n", "no")
+    (False, False, True)
     """
     return _domain(domain).verifier(completion, answer)
 

@@ -32,8 +32,9 @@ Before any sampling: every prompt row needs a known ``domain`` and an ``answer``
 the columns), every route a generator, and every generator and reward model the same tokenizer
 and ``vocab_size`` as the first generator (tasks/compat.py's fingerprint): the rows train one
 student, and a reward model reads text through its own vocabulary, so a mismatch would score
-characters it cannot see. Sampling is batched and KV-cached (tasks/rollout.py), prompts sorted
-by length; bench/generate_speed.py times it against ``model.generate``.
+characters it cannot see. Sampling is batched and KV-cached (tasks/rollout.py `sample_many`:
+prompts sorted by length, each prefilled once for its K samples, finished rows leave the batch);
+bench/generate_speed.py times it against ``model.generate``.
 
 Run: ``python -m tasks.generate OUT MODEL_DIR DATA_DIR [key=value ...]``.
 """

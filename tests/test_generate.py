@@ -107,6 +107,22 @@ def test_best_of_8_beats_one_sample(world: dict) -> None:
     assert best["sampling"]["samples"] == 8 * 120 and best["sampling"]["samples_per_s"] > 0
 
 
+def test_sampler_at_low_temperature_is_greedy_decoding(world: dict) -> None:
+    """rollout.sample_many (shared prefill, finished rows leave the batch) against HF greedy
+    `generate`: at temperature ~0 every one of the K samples is the greedy completion."""
+    from tasks import domains, evaluate, models
+    from tasks.rollout import sample_texts
+
+    model, tok = models.load_model(world["sampler"]), models.load_tokenizer(world["sampler"])
+    prompts = [r["prompt"] for d in ["vowels", "palin", "sort"] for r in domains.generate(d, 8, 5)]
+    greedy = evaluate.generate(model, tok, prompts, max_new_tokens=6)
+    texts, ended, tokens = sample_texts(model, tok, prompts, 3, 6, 1e-6, batch_size=9)
+    assert [set(ts) for ts in texts] == [{g} for g in greedy]
+    assert len({len(t) for t in greedy}) > 1  # rows finished at different steps
+    assert tokens == sum(3 * (len(tok(g, add_special_tokens=False)["input_ids"]) + e[0])
+                         for g, e in zip(greedy, ended, strict=True))
+
+
 def test_correct_keeps_only_verified_rows(world: dict) -> None:
     from tasks import domains
 
