@@ -8,6 +8,7 @@ Layout under the store root (any fsspec URL: a local path, ``file://``, ``memory
     refs/<recipe>/<stage>              text file holding a key (`recipe:stage` names)
     tmp/<key>.<nonce>/                 staging (local stores: renamed or swapped into place)
     locks/<key>.lock                   one builder per key across processes (local stores)
+    locks/<key>/lease.<generation>     the same on remote stores (artifacts/lease.py)
 
 A directory without a manifest does not exist for anyone (`has`, `manifest`, `iter_manifests`,
 `resolve` ignore it) and is replaced by the next build. File hashes are computed once, here,
@@ -53,6 +54,13 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # Native writers (safetensors, tokenizers) raise their own types; their text says why.
 _NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28",
                   "os error 122")
+
+
+class _HeldLock:
+    """A held OS file lock: the kernel keeps it until release, so it is never lost."""
+
+    def check(self) -> None:
+        pass
 
 
 class RefError(LookupError):
@@ -348,20 +356,29 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Serialise builders of one key across processes (a no-op lock for remote stores)."""
+    def lock(self, key: str) -> Iterator[Any]:
+        """One builder of `key` at a time, across processes and nodes. Yields a handle whose
+        `check()` raises LeaseLost when the key was taken over (call it right before
+        publishing). Local stores: an OS file lock (released by the kernel if the holder
+        dies). Remote stores: a renewed lease object under locks/<key>/ (artifacts/lease.py),
+        taken over once it expires (POSTTRAIN_LEASE_SECONDS)."""
+        check_key(key, "lock", "lock a content key")
         if not self.local:
-            yield
+            from artifacts.lease import Lease
+
+            lease = Lease(self.fs, self._p("locks", key))
+            with lease:
+                yield lease
             return
         from filelock import FileLock
 
-        path = Path(self._p("locks", f"{check_key(key, 'lock', 'lock a content key')}.lock"))
+        path = Path(self._p("locks", f"{key}.lock"))
         lock = FileLock(str(path))
         with guard_space(path, "point --store elsewhere"):  # the lock file, not the body
             path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         try:
-            yield
+            yield _HeldLock()
         finally:
             lock.release()
 
@@ -386,9 +403,10 @@ class Store:
         Local stores finish the artifact in staging (payload, then manifest) and then make it
         visible in one step: a rename, or for a forced rebuild of an existing key an atomic
         exchange with the old copy, so a rebuild killed at any point leaves the old artifact
-        whole. Remote stores upload the payload, then the manifest; there a rebuild removes the
-        old copy first. `before_manifest` is a hook for fault-injection tests. A full disk is a
-        NoSpaceError naming the path and the free space.
+        whole. Remote stores upload the payload, then the manifest; a rebuild there uploads the
+        new payload beside the old one first (`_publish_remote`). `before_manifest` is a hook
+        for fault-injection tests. A full disk is a NoSpaceError naming the path and the free
+        space.
         """
         if (staged / SIDECAR).exists():
             raise ValueError(f"{staged / SIDECAR}: {SIDECAR} is reserved for the store's MLflow "
@@ -418,15 +436,40 @@ class Store:
             else:
                 os.replace(staged, dest_p)
         else:
-            if self.fs.exists(dest):
-                self.fs.rm(dest, recursive=True)
-            for row in manifest["files"]:
-                self.fs.put_file(str(staged / row["path"]), f"{dest}/{row['path']}")
-            if before_manifest:
-                before_manifest()
-            self.fs.pipe(f"{dest}/{MANIFEST}", text.encode())
-            shutil.rmtree(staged, ignore_errors=True)
+            self._publish_remote(key, staged, manifest, text, before_manifest)
         return manifest
+
+    def _publish_remote(self, key: str, staged: Path, manifest: dict[str, Any], text: str,
+                        before_manifest: Any) -> None:
+        """Object stores have no rename: a new key is uploaded in place, manifest last. A
+        forced rebuild of a stored key uploads the whole new payload beside it first
+        (tmp/<key>.<nonce>/), so a rebuild that dies while uploading leaves the old artifact
+        whole and readable; only then is the old manifest removed, the new files copied over
+        server-side, stale files removed and the new manifest written."""
+        dest = self.object_path(key)
+        old = self.fs.exists(f"{dest}/{MANIFEST}")
+        if not old and self.fs.exists(dest):  # a manifest-less leftover: invisible, replaced
+            self.fs.rm(dest, recursive=True)
+        upload = self._p("tmp", f"{key}.{uuid.uuid4().hex[:8]}") if old else dest
+        for row in manifest["files"]:
+            self.fs.put_file(str(staged / row["path"]), f"{upload}/{row['path']}")
+        if before_manifest:
+            before_manifest()
+        if old:
+            new_files = {row["path"] for row in manifest["files"]}
+            self.fs.rm_file(f"{dest}/{MANIFEST}")  # from here to the new manifest: no artifact
+            for row in manifest["files"]:
+                self.fs.copy(f"{upload}/{row['path']}", f"{dest}/{row['path']}")
+            for path in self.fs.find(dest):
+                rel = path.split(f"objects/{key}/", 1)[-1]
+                if rel not in new_files and rel not in (MANIFEST, SIDECAR):
+                    self.fs.rm_file(path)
+            if self.fs.exists(f"{dest}/{SIDECAR}"):  # the old run's MLflow ids
+                self.fs.rm_file(f"{dest}/{SIDECAR}")
+        self.fs.pipe(f"{dest}/{MANIFEST}", text.encode())
+        if old:
+            self.fs.rm(upload, recursive=True)
+        shutil.rmtree(staged, ignore_errors=True)
 
     def verify(self, key: str) -> list[str]:
         """Re-hash every payload file against the manifest; returns the problems found."""

@@ -266,7 +266,7 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     rank_, world = ranks(sp) if building else (0, 1)
     if rank_ > 0:  # (0, 1) above when the stage is stored: every rank reuses it below
         return _follow(sp, inputs, world, t0)
-    with store.lock(sp.key):
+    with store.lock(sp.key) as lease:
         if store.has(sp.key) and not force:
             store.set_ref(sp.recipe, stage, sp.key)
             write_pointer(pointer, store, sp, sp.recipe)
@@ -297,6 +297,7 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
             from flows.procs import check_parent
 
             check_parent()  # the run that started this stage died: an orphan publishes nothing
+            lease.check()  # another builder took the key over (a remote lease expired)
             published = store.publish(
                 sp.key, staged, man, before_manifest=lambda: _fault(stage, "kill-before-manifest"))
         except Exception as e:  # nothing was published: MLflow may say so, and nothing more
