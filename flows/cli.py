@@ -47,6 +47,8 @@ def _quiet_env(state_dir: Path) -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow prints "View run ... at URL" for a tracking server: stdout is the table / JSON
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

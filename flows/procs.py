@@ -96,10 +96,11 @@ class Children:
         self._live: set[subprocess.Popen[Any]] = set()
 
     def run(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        """Start `cmd` (stdout and stderr into `log_path`), wait; its return code. Raises
-        Interrupted instead of starting once the run stops."""
+        """Start `cmd` (stdout and stderr appended to `log_path`: a retry's lines follow the
+        failed attempt's), wait; its return code. Raises Interrupted instead of starting once
+        the run stops."""
         env = dict(env, **{PARENT_ENV: str(os.getpid())})
-        with open(log_path, "w") as f:
+        with open(log_path, "a") as f:
             with self._lock:
                 if self.stopping:
                     raise Interrupted(self.stopping)

@@ -63,8 +63,13 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Resources:
+    """What a stage holds while it runs: CPU cores, GPUs, and `custom` Ray resources
+    (`{node_a: 1}`: a `ray start --resources` name, which pins the stage to the nodes that
+    offer it). Outside the key: where a stage runs does not change what it builds."""
+
     cpus: int = 1
     gpus: int = 0
+    custom: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -677,15 +682,27 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         config = _validate_config(kspec, cfg, ctx, where, recipe_dir, set_by)
         inputs = _parse_inputs(sname, kind, kspec.roles, body, vars_, ctx, where)
         res = body.get("resources") or {}
+        shape = "{cpus: N, gpus: N, custom: {RAY_RESOURCE: N}}"
         if not isinstance(res, dict):
-            raise ctx.error(where + ("resources",), f"resources is {{cpus: N, gpus: N}}, got "
-                            f"{res!r}")
+            raise ctx.error(where + ("resources",), f"resources is {shape}, got {res!r}")
         for k in res:
-            if k not in ("cpus", "gpus"):
+            if k not in ("cpus", "gpus", "custom"):
                 raise ctx.error(where + ("resources", str(k)), f"unknown resource {k!r}"
-                                f"{closest(str(k), ('cpus', 'gpus'))}; resources is "
-                                "{cpus: N, gpus: N}")
+                                f"{closest(str(k), ('cpus', 'gpus', 'custom'))}; resources is "
+                                f"{shape} (a Ray node's own resource goes under custom)")
+        custom = res.get("custom") or {}
+        if not isinstance(custom, dict):
+            raise ctx.error(where + ("resources", "custom"), "custom is a map of Ray resource "
+                            f"names to amounts, e.g. {{node_a: 1}}, got {custom!r}")
+        for k, v in custom.items():
+            if not isinstance(k, str) or k in ("CPU", "GPU", "memory") or not (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise ctx.error(where + ("resources", "custom", str(k)), "a custom resource is "
+                                "a Ray resource name (not CPU/GPU/memory: use cpus/gpus) with "
+                                f"an amount > 0, got {k!r}: {v!r}")
         for k, v in res.items():
+            if k == "custom":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "cpus" else 0):
                 raise ctx.error(where + ("resources", k), f"{k} must be an integer >= "
                                 f"{1 if k == 'cpus' else 0}, got {v!r}")

@@ -65,9 +65,13 @@ class _NoBoard:
         pass
 
 
-def launch_stage(sp: StagePlan, run: RunContext) -> StageResult | State:
+def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
+                 ) -> StageResult | State:
     """One stage as a child process (the body of `stage_task`); a Failed state when the run
-    was interrupted."""
+    was interrupted. `after` holds the parents' futures, unused here: as a parameter (not only
+    `wait_for`) they become Ray object refs, so Ray places the task once its parents are done
+    instead of running it early to wait while holding its node's CPUs and custom resources
+    (two stages pinned to one node would deadlock)."""
     rt = RUNTIME.get(run.run_id)
     board: Any = rt["board"] if rt else _NoBoard()
     # In a Ray worker the run's runner is not here: a fresh one, which holds nothing, launches.
@@ -162,9 +166,9 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
     for sp in plans:
         task_ = stage_task.with_options(name=f"{recipe_name}:{sp.name}", retries=sp.retries,
                                         task_run_name=sp.name)
+        parents = [futures[x] for x in sp.parent_stages()]
         with runner.submit_options(sp):
-            futures[sp.name] = task_.submit(sp, run,
-                                            wait_for=[futures[x] for x in sp.parent_stages()])
+            futures[sp.name] = task_.submit(sp, run, after=parents, wait_for=parents)
         runner.track(futures[sp.name])
     board: Board = rt["board"]
     results: list[StageResult] = []

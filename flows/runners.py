@@ -195,7 +195,9 @@ class RayRunner:
     def submit_options(self, sp: StagePlan) -> contextlib.AbstractContextManager[Any]:
         from prefect_ray.context import remote_options
 
-        return remote_options(num_cpus=cores(sp)[0], num_gpus=sp.resources.get("gpus", 0))
+        custom = dict(sp.resources.get("custom") or {})  # node pinning: `ray start --resources`
+        return remote_options(num_cpus=cores(sp)[0], num_gpus=sp.resources.get("gpus", 0),
+                              **({"resources": custom} if custom else {}))
 
     def reserve(self, sp: StagePlan) -> None:
         pass  # Ray holds the stage's resources from submission (submit_options)
@@ -205,6 +207,8 @@ class RayRunner:
 
     def launch(self, cmd: list[str], env: dict[str, str], log_path: Path) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)  # on another node, maybe
+        with open(log_path, "a") as f:  # which node of the cluster ran it
+            f.write(f"posttrain: on Ray node {_ray_node()}\n")
         return subprocess_launch(cmd, env, log_path)
 
     @property
@@ -234,6 +238,10 @@ WORKER_ENV = (
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY",
     "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", loopback.BIND_ENV,
+    # the store and MLflow as the run sees them (an S3 endpoint, a tracking server)
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE", "MLFLOW_TRACKING_URI",
+    "POSTTRAIN_LEASE_SECONDS",
 )
 
 
@@ -254,6 +262,17 @@ def _local_ray_address(address: str) -> dict[str, Any]:
         if constants is not None:
             constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
     return {"_node_ip_address": address}
+
+
+def _ray_node() -> str:
+    """'127.0.0.3 (id 2feb633c0efc)': the Ray node this worker runs on."""
+    try:
+        import ray
+
+        return (f"{ray.util.get_node_ip_address()} "
+                f"(id {ray.get_runtime_context().get_node_id()[:12]})")
+    except Exception as e:  # informative only
+        return f"unknown ({type(e).__name__})"
 
 
 def _ray_cancel(refs: list[Any]) -> None:

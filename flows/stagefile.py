@@ -100,7 +100,7 @@ class StagePlan:
     code_files: dict[str, str]  # relative path -> sha256
     data_digests: dict[str, str]
     launch: dict[str, Any]  # {processes: N, accelerate: absolute path | None}
-    resources: dict[str, int]  # {cpus: N, gpus: N}
+    resources: dict[str, Any]  # {cpus: N, gpus: N, custom: {ray resource: amount}}
     retries: int
     status: str  # "fresh" | "run"
     reasons: tuple[str, ...]
