@@ -254,7 +254,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     for index, route in enumerate(sorted(by_route)):
         model = models.load_model(samplers[route].path)
         tok = models.load_tokenizer(samplers[route].path)
-        gen = torch.Generator().manual_seed(config.seed * 1000 + index)
+        gen = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + index)
         rows = sorted(by_route[route], key=lambda r: len(r["prompt"]))  # less padding per batch
         step = max(1, config.batch_size // k)
         for s in range(0, len(rows), step):

@@ -135,7 +135,7 @@ def policy_rewards(
     if not rms:
         if verifier_weight == 0:
             raise StageInputError("verifier_weight 0 and no reward_model: no reward is left")
-        return [verifier], None, {}
+        return [verifier], None, {f"rewards/{verifier.__name__}/mean": "verifier"}
     for name, ref in sorted(rms.items()):
         check_compatible(f"reward model {name!r}", ref, tokenizer, model_config)
     funcs: list[Any] = [verifier]
