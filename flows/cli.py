@@ -92,7 +92,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.plan import plan, write_lock
+    session = open_run(args)
+    if isinstance(session, int):  # nothing to build: answered from the plan
+        return session
+    from flows.board import Display
+    from flows.run import execute
+
+    with Display(session["board"]):
+        execute(session["recipe"].name, session["plans"], session["run"],
+                session["max_parallel"])
+    return close_run(args, session)
+
+
+def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
+    """Everything of `posttrain run` before the flow: checks, plan, run dir, MLflow parent run,
+    the typed stage plans, RUNTIME's board. An int (the exit code) when every stage is fresh
+    and the run is answered from the plan (`_noop_run`). `flows/deploy.py` shares it."""
+    from flows.plan import plan
 
     if args.max_parallel is not None and args.max_parallel < 1:
         raise UsageError("--max-parallel must be >= 1, e.g. --max-parallel 2")
@@ -113,9 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     max_parallel = args.max_parallel or max(
         1, cpus // max(1, min((p.spec.resources.cpus for p in todo), default=1)))
     _quiet_env(args.state_dir)
-    from flows.board import Board, Display
-    from flows.run import RUNTIME, RunContext, execute
-    from flows.stagefile import StagePlan, StageResult
+    from flows.board import Board
+    from flows.run import RUNTIME, RunContext
+    from flows.stagefile import StagePlan
 
     run_id = f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = args.state_dir.absolute() / "runs" / run_id
@@ -132,8 +148,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id)}
     print(f"run {run_id}: {len(todo)} of {len(planned)} stages to build, "
           f"max {max_parallel} at once", file=sys.stderr)
-    with Display(board):
-        execute(recipe.name, plans, run, max_parallel)
+    return {"recipe": recipe, "store": store, "planned": planned, "plans": plans, "run": run,
+            "run_dir": run_dir, "tracker": tracker, "parent_run": parent_run, "board": board,
+            "max_parallel": max_parallel}
+
+
+def close_run(args: argparse.Namespace, session: dict[str, Any]) -> int:
+    """Everything of `posttrain run` after the flow: lock, refs, MLflow summary, the table,
+    `--json` rows; the exit code."""
+    from flows.plan import write_lock
+    from flows.run import RUNTIME
+    from flows.stagefile import StageResult
+
+    recipe, store, planned = session["recipe"], session["store"], session["planned"]
+    tracker, parent_run, run_id = session["tracker"], session["parent_run"], \
+        session["run"].run_id
     rt = RUNTIME.pop(run_id)
     stopped: str | None = rt.get("interrupted")  # "SIGINT" / "SIGTERM": the run was stopped
     results: list[StageResult] = rt.get("results") or [
@@ -161,9 +190,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: stage {r.stage}: {r.error}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.row() for r in results], indent=2))
+    session["results"] = results
     if stopped:  # as a shell reports a process killed by it: 130 (SIGINT), 143 (SIGTERM)
         return 128 + signal.Signals[stopped].value
-    return _exit_code(results, planned, run_dir)
+    return _exit_code(results, planned, session["run_dir"])
 
 
 def _noop_run(args: argparse.Namespace, recipe: Any, store: Store, planned: list[Any]) -> int:

@@ -42,7 +42,7 @@ def s3_server(log_dir: Path, bucket: str = "posttrain") -> Iterator[dict[str, st
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log_dir / 'moto.log'}")
+                    raise RuntimeError(f"moto server did not start: {log_dir}/moto.log") from None
                 time.sleep(0.1)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)

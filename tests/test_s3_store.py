@@ -78,7 +78,7 @@ def test_two_runs_at_once_on_s3_build_every_stage_exactly_once(s3, prefect_harne
     env = _env(s3)
     runs = [_start(recipe, store, tmp_path / f"state{i}", env) for i in (0, 1)]
     outs = [p.communicate(timeout=600) for p in runs]
-    for p, (out, err) in zip(runs, outs, strict=True):
+    for p, (_out, err) in zip(runs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     rows = [{r["stage"]: r for r in json.loads(out)} for out, _ in outs]
     assert set(rows[0]) == set(rows[1]) == {"data", "base", "sft", "rl_arith", "rl_reverse"}
