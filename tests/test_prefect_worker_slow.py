@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from artifacts.store import Store
-from tests.conftest import REPO, RECIPES
+from tests.conftest import RECIPES, REPO
 from tests.s3_server import free_port
 
 pytestmark = pytest.mark.slow
