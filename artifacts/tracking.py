@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,42 @@ def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _source_tags(m: dict[str, Any] | None = None) -> dict[str, str]:
+    """MLflow's own source tags (the run list's Source and git commit columns): from the
+    manifest for a stage, from the checkout for a run."""
+    if m is not None:
+        commit = m.get("git_commit")
+    else:
+        from artifacts.manifest import git_state
+
+        commit = git_state()[0]
+    out = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "posttrain"}
+    if commit:
+        out["mlflow.source.git.commit"] = str(commit)
+    return out
+
+
+def _save_pyfunc(d: str, store_uri: str, key: str) -> None:
+    """MLmodel + code (flows/mlflow_pyfunc.py) of a model loadable with
+    `mlflow.pyfunc.load_model`; the weights stay in the store (model_config {store, key})."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    code = Path(__file__).resolve().parents[1] / "flows" / "mlflow_pyfunc.py"
+    sig = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                         outputs=Schema([ColSpec("string", "completion")]),
+                         params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
+    with warnings.catch_warnings():  # no input example: it would load the weights to check
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.pyfunc.save_model(f"{d}/model", python_model=str(code), signature=sig,
+                                 model_config={"store": store_uri, "key": key},
+                                 pip_requirements=["posttrain"])
+    for f in Path(d, "model").iterdir():  # the MLmodel file at the artifact root
+        f.rename(Path(d) / f.name)
+    Path(d, "model").rmdir()
+
+
 def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any] = ()) -> None:
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params, 1000 metrics
         c.log_batch(rid, params=params[i:i + 100])
@@ -79,7 +116,9 @@ class Tracker:
     def __init__(self, tracking_uri: str | None = None, state_dir: str | Path = ".posttrain", *,
                  upload: bool = False, warn: bool = True) -> None:
         self.state_dir = Path(state_dir)
-        self.uri = tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').absolute()}"
+        # --tracking-uri, else the ecosystem's own MLFLOW_TRACKING_URI, else a local sqlite
+        self.uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                    or f"sqlite:///{(self.state_dir / 'mlflow.db').absolute()}")
         self.upload, self.warn = upload, warn
         self.last_error: str | None = None
         self._lock = threading.RLock()
@@ -183,8 +222,8 @@ class Tracker:
         from mlflow.entities import Param
 
         tags = {"posttrain.run_id": run_id, "posttrain.recipe": recipe, "posttrain.role": "run",
-                "posttrain.backfilled": str(backfilled).lower()}
-        rid = c.create_run(self._experiment(c, recipe), run_name=f"{recipe} {run_id[:8]}",
+                "posttrain.backfilled": str(backfilled).lower(), **_source_tags()}
+        rid = c.create_run(self._experiment(c, recipe), run_name=run_id,  # recipe-date-nonce
                            tags=tags).info.run_id
         _batches(c, rid, params=[Param(k, v) for k, v in flatten(params).items()])
         return rid
@@ -219,7 +258,11 @@ class Tracker:
                 "posttrain.status": status, "posttrain.kind": m.get("kind"),
                 "posttrain.recipe": m.get("recipe"), "posttrain.sft_root": m.get("sft_root") or "",
                 "posttrain.store": store_uri, "posttrain.run_id": run_id or "",
-                **{f"posttrain.input.{role.replace(':', '.')}": p for role, p, _ in edges}}
+                **_source_tags(m),
+                **{f"posttrain.input.{role.replace(':', '.')}": p for role, p, _ in edges},
+                **{f"posttrain.input_stage.{role.replace(':', '.')}":
+                   f"{r.get('recipe')}:{r.get('stage')}" for role, _, r in edges
+                   if r.get("stage")}}
         if parent:
             tags["mlflow.parentRunId"] = parent
         rid = c.create_run(eid, run_name=f"{m.get('stage')}{' (reused)' if link_only else ''}",
@@ -243,11 +286,20 @@ class Tracker:
                                          json.dumps({"store": store_uri, "key": p})),
                                  [ml.InputTag("mlflow.data.context", role)])
                     for role, p, r in edges if role.startswith("data:")]
+            if m.get("produces") == "dataset":  # a data set, not a model: no LoggedModel
+                data.append(ml.DatasetInput(
+                    ml.Dataset(f"{m.get('recipe')}:{m.get('stage')}", m["key"][:32],
+                               "posttrain", json.dumps({"store": store_uri, "key": m["key"]})),
+                    [ml.InputTag("mlflow.data.context", "output")]))
             if models or data:
                 c.log_inputs(rid, datasets=data or None, models=models or None)
-            model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
-            model_id = model.model_id
-            c.log_outputs(rid, [ml.LoggedModelOutput(model_id, 0)])
+            if m.get("produces") == "dataset":
+                model = None
+                model_id = None
+            else:
+                model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
+                model_id = model.model_id
+                c.log_outputs(rid, [ml.LoggedModelOutput(model_id, 0)])
             # Eval metrics belong to the run and to its LoggedModel (MLflow 3 model metrics).
             _batches(c, rid, metrics=[ml.Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id)
                                       for d, v in (metrics.get("eval") or {}).items() if _num(v)])
@@ -256,6 +308,30 @@ class Tracker:
         c.set_terminated(rid, "FINISHED")
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
+
+    def log_reused(self, parent_run_id: str | None, manifests: list[dict[str, Any]]) -> None:
+        """Stages this run reused, recorded on the parent run itself (no child runs: a no-op
+        rerun would otherwise add one empty run per stage): a tag per stage,
+        `posttrain.reused.<stage>` = "recipe:stage KEY", and their LoggedModels as the
+        parent's model inputs. (The parent's summary.json lists them too; `posttrain sync`
+        replays that, not this.)"""
+        if parent_run_id is None or not manifests:
+            return
+        op = {"op": "log_reused", "parent_run_id": parent_run_id,
+              "keys": [m["key"] for m in manifests]}
+
+        def write(c: Any) -> None:
+            from mlflow import entities as ml
+
+            for m in manifests:
+                c.set_tag(parent_run_id, f"posttrain.reused.{m.get('stage')}",
+                          f"{m.get('recipe')}:{m.get('stage')} {m['key']}")
+            models = [ml.LoggedModelInput(x) for m in manifests
+                      if (x := self._model_id(c, m["key"]))]
+            if models:
+                c.log_inputs(parent_run_id, models=models)
+
+        self._safe(op, write)
 
     def log_failure(self, stage: dict[str, Any], reason: str,
                     parent_run_id: str | None) -> str | None:
@@ -300,12 +376,17 @@ class Tracker:
                 "posttrain.recipe": m.get("recipe"), "posttrain.kind": m.get("kind"),
                 "posttrain.store": store_uri, "posttrain.path": path,
                 "mlflow.model.isExternal": "true", "posttrain.uploaded": str(self.upload).lower()}
+        loadable = m.get("produces", "model") == "model"
+        if loadable:  # a pyfunc that reads the store: not external, loadable through MLflow
+            del tags["mlflow.model.isExternal"]
         model = c.create_logged_model(eid, name=m.get("stage"), source_run_id=rid,
                                       tags={k: str(v) for k, v in tags.items()},
                                       model_type=f"posttrain.{m.get('kind')}")
         with tempfile.TemporaryDirectory() as d:
-            # An MLmodel file marked external: the registry needs one to register the model.
-            get_external_mlflow_model_spec(model).save(os.path.join(d, MLMODEL_FILE_NAME))
+            if loadable:
+                _save_pyfunc(d, store_uri, m["key"])
+            else:  # an MLmodel file marked external: the registry needs one to register
+                get_external_mlflow_model_spec(model).save(os.path.join(d, MLMODEL_FILE_NAME))
             c.log_model_artifacts(model.model_id, d)
         if self.upload and Path(src := str(payload_dir or path)).is_dir():
             c.log_model_artifacts(model.model_id, src)
@@ -329,6 +410,13 @@ class Tracker:
             name, source=model.artifact_location, run_id=rid, model_id=model.model_id,
             tags={"posttrain.key": m["key"], "posttrain.kind": str(m.get("kind"))})
         c.set_registered_model_alias(name, ALIAS, mv.version)
+        # What `mlflow.register_model` also records: the LoggedModel's own list of its
+        # versions (without it the UI shows the model as "Not registered").
+        versions = json.loads(model.tags.get("mlflow.modelVersions") or "[]")
+        entry = {"name": name, "version": str(mv.version)}
+        if entry not in versions:
+            c.set_logged_model_tags(model.model_id,
+                                    {"mlflow.modelVersions": json.dumps([*versions, entry])})
 
     def finish_run(self, parent_run_id: str | None, status: str, summary: list[dict[str, Any]],
                    figures: dict[str, Any]) -> None:

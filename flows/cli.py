@@ -52,6 +52,10 @@ def _quiet_env(state_dir: Path) -> None:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        url = _profile_api_url()  # the user's own Prefect profile names a server: use it
+        if url:
+            os.environ["PREFECT_API_URL"] = url
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     home = Path(os.environ["PREFECT_HOME"])
@@ -104,6 +108,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return close_run(args, session)
 
 
+def _profile_api_url() -> str | None:
+    """PREFECT_API_URL of the active profile in ~/.prefect/profiles.toml (Prefect's own
+    default home), read without importing Prefect: the run keeps its state under --state-dir
+    (PREFECT_HOME), which would otherwise hide the user's profile and its server."""
+    import tomllib
+
+    path = Path.home() / ".prefect" / "profiles.toml"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or doc.get("active")
+    url = ((doc.get("profiles") or {}).get(name) or {}).get("PREFECT_API_URL")
+    return str(url) if url else None
+
+
+def _services_line(args: argparse.Namespace, tracker: Any) -> str:
+    """Where this run records: MLflow and Prefect, and why those (the first lines of a run)."""
+    if tracker is None:
+        mlflow = "MLflow off (--no-tracking)"
+    else:
+        why = ("--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
+               if os.environ.get("MLFLOW_TRACKING_URI") else "local fallback")
+        mlflow = f"MLflow {tracker.uri} ({why})"
+    url = os.environ.get("PREFECT_API_URL")
+    prefect = (f"Prefect {url} (PREFECT_API_URL or your profile)" if url else
+               "Prefect: a temporary local server (set PREFECT_API_URL or run `posttrain ui`"
+               " to keep runs)")
+    return f"{mlflow}; {prefect}"
+
+
 def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
     """Everything of `posttrain run` before the flow: checks, plan, run dir, MLflow parent run,
     the typed stage plans, RUNTIME's board. An int (the exit code) when every stage is fresh
@@ -148,6 +183,7 @@ def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
     RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id)}
     print(f"run {run_id}: {len(todo)} of {len(planned)} stages to build, "
           f"max {max_parallel} at once", file=sys.stderr)
+    print(_services_line(args, tracker), file=sys.stderr)
     return {"recipe": recipe, "store": store, "planned": planned, "plans": plans, "run": run,
             "run_dir": run_dir, "tracker": tracker, "parent_run": parent_run, "board": board,
             "max_parallel": max_parallel}
@@ -173,9 +209,8 @@ def close_run(args: argparse.Namespace, session: dict[str, Any]) -> int:
         if p.name in ok:
             store.set_ref(recipe.name, p.name, p.key)
     if tracker is not None:
-        for r in results:
-            if r.status == "reused" and (m := store.manifest(r.key)):
-                tracker.log_stage(m, "reused", parent_run, store.uri)
+        tracker.log_reused(parent_run, [m for r in results if r.status == "reused"
+                                        and (m := store.manifest(r.key))])
         lineage_md, _ = _figures(store, planned, run_id)
         summary = [dict(r.row(), recipe=recipe.name, kind=next(p.spec.kind for p in planned
                                                                 if p.name == r.stage),

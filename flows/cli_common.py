@@ -67,7 +67,7 @@ def tracker(args: argparse.Namespace, create: bool = True, warn: bool = True) ->
     MLflow being down themselves."""
     if getattr(args, "no_tracking", False) or os.environ.get("POSTTRAIN_TRACKING") == "off":
         return None
-    uri = getattr(args, "tracking_uri", None)
+    uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
     if not create and uri is None and not (Path(args.state_dir) / "mlflow.db").exists():
         return None
     from artifacts.tracking import Tracker

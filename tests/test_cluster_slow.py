@@ -31,7 +31,7 @@ import pytest
 
 from artifacts.store import Store
 from tests.conftest import REPO
-from tests.s3_server import free_port, s3_server
+from tests.servers import free_port, mlflow_server, s3_server
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("prefect_ray")
@@ -40,7 +40,6 @@ pytest.importorskip("moto")
 
 POSTTRAIN = [sys.executable, "-m", "flows.cli"]
 RAY = str(Path(sys.executable).with_name("ray"))
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 RECIPE = """\
 name: cluster_tiny
 vars: {domains: [arith, reverse]}
@@ -89,37 +88,6 @@ def ray_cluster(tmp: Path) -> Iterator[dict[str, str]]:
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=120,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def mlflow_server(tmp: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 over a fresh SQLite file; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    (tmp / "mlflow").mkdir(parents=True, exist_ok=True)
-    with open(tmp / "mlflow" / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}",
-             "--default-artifact-root", str(tmp / "mlflow" / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    (tmp / "mlflow" / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        proc.wait(30)
 
 
 def _run(recipe: Path, *args: str, env: dict[str, str]) -> tuple[dict, float, str]:

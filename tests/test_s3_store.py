@@ -19,7 +19,7 @@ import pytest
 
 from artifacts.store import Store
 from tests.conftest import REPO
-from tests.s3_server import s3_server
+from tests.servers import s3_server
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

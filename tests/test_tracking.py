@@ -128,7 +128,12 @@ def test_mirror_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # LoggedModels: outputs of their run, inputs of their consumers; weights stay in the store.
     model = c.get_logged_model(ids["mopd"]["model_id"])
     assert model.tags["posttrain.path"].endswith(k["mopd"])
-    assert model.tags["mlflow.model.isExternal"] == "true"
+    assert "mlflow.model.isExternal" not in model.tags  # a pyfunc that reads the store
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [  # shown as registered
+        {"name": "mimo_tiny.mopd", "version": "1"}]
+    assert parent.info.run_name == "run-mimo_tiny"  # the posttrain run id, not "recipe run-"
+    assert mopd.data.tags["posttrain.input_stage.teacher.arith"] == "mimo_tiny:rl_arith"
+    assert "mlflow.source.name" in mopd.data.tags
     assert [o.model_id for o in mopd.outputs.model_outputs] == [model.model_id]
     assert {i.model_id for i in mopd.inputs.model_inputs} == {
         ids[s]["model_id"] for s in ("mopd_r1", "rl_arith", "rl_reverse")}

@@ -1,8 +1,9 @@
-"""A real S3-compatible server on 127.0.0.1 for tests: moto in server mode (PyPI `moto[server]`),
-one bucket, and the environment that points boto / s3fs at it (`AWS_ENDPOINT_URL`, dummy
-credentials). Stopped by the fixture that started it.
+"""Real servers on 127.0.0.1 for tests, each stopped by the context that started it:
+`s3_server` (moto in server mode, PyPI `moto[server]`: one bucket, and the environment that
+points boto / s3fs at it, `AWS_ENDPOINT_URL` and dummy credentials) and `mlflow_server`
+(`mlflow server` over a fresh SQLite file).
 
-Run: used by tests/test_s3_store.py and tests/test_cluster_slow.py.
+Run: used by tests/test_s3_store.py, tests/test_cluster_slow.py, tests/test_ecosystem.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,3 +67,33 @@ def s3_server(log_dir: Path, bucket: str = "posttrain") -> Iterator[dict[str, st
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over a fresh SQLite file; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp / "mlflow").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "mlflow" / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}",
+             "--default-artifact-root", str(tmp / "mlflow" / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp / "mlflow" / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        proc.wait(30)

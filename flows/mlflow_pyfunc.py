@@ -1,0 +1,51 @@
+"""The `python_function` flavour of every posttrain model in MLflow ("models from code"):
+
+    model = mlflow.pyfunc.load_model("models:/mimo_tiny.mopd@current")
+    model.predict({"prompt": ["12+34="]})          # -> ["46"]  (greedy completions)
+
+The LoggedModel holds this file, an MLmodel with a signature (prompt: string -> completion:
+string) and its `model_config` {store, key}; `load_context` opens the weights in the posttrain
+store (downloaded once for a remote store), so MLflow keeps no second copy of them (with
+`--upload-weights` a copy also sits beside the MLmodel, for `mlflow.transformers`-style
+reuse; this loader still reads the store). Loading needs `posttrain` importable (pip
+requirement `posttrain`) and the store reachable.
+`params={"max_new_tokens": N}` caps the completion length (default 32).
+
+Run: ``python -c "import mlflow; print(mlflow.pyfunc.load_model('models:/mimo_tiny.mopd@current')
+.predict({'prompt': ['12+34=']}))"`` with MLFLOW_TRACKING_URI pointing at the run's MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class StoreModel(PythonModel):
+    """A causal LM whose weights live in the posttrain store under `key`."""
+
+    def load_context(self, context: Any) -> None:
+        from artifacts.store import Store
+        from tasks import models
+
+        cfg = context.model_config or {}
+        path = Store(cfg["store"]).local_path(cfg["key"])
+        self.model = models.load_model(path)
+        self.tokenizer = models.load_tokenizer(path)
+
+    # No type hints here: MLflow reads predict's hints as a schema and would override the
+    # signature (prompt: string -> completion: string) logged with the model.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        from tasks.evaluate import generate
+
+        if hasattr(model_input, "columns"):  # a DataFrame: the signature's `prompt` column
+            prompts = [str(x) for x in model_input[model_input.columns[0]]]
+        else:
+            prompts = [str(x) for x in model_input]
+        n = int((params or {}).get("max_new_tokens", 32))
+        return generate(self.model, self.tokenizer, prompts, n)
+
+
+mlflow.models.set_model(StoreModel())
