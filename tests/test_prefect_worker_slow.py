@@ -23,7 +23,7 @@ import pytest
 
 from artifacts.store import Store
 from tests.conftest import RECIPES, REPO
-from tests.s3_server import free_port
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).with_name("prefect"))
