@@ -22,7 +22,7 @@ from typing import Any
 from artifacts.refs import StageInputError
 from artifacts.store import NoSpaceError, RefError, Store, free_space, guard_space
 from artifacts.tracking_lookup import resolve_ref
-from flows import cli_common, provenance_cli, runners
+from flows import cli_common, provenance_cli, runners, ui
 from flows.cli_common import REF_HELP, UsageError
 from flows.recipe import RecipeError, parse
 
@@ -158,6 +158,8 @@ def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
     planned = plan(recipe, store, set(args.force), args.force_downstream,
                    state_dir=args.state_dir, tracking_uri=args.tracking_uri)
     cpus = os.cpu_count() or 1
+    if any(p.status == "run" for p in planned) and (line := ui.use_servers(args)):
+        print(line, file=sys.stderr)
     todo = [p for p in planned if p.status == "run"]
     if not todo:
         return _noop_run(args, recipe, store, planned)
@@ -414,6 +416,7 @@ EXAMPLES = {
     "ls": "posttrain ls --json",
     "show": "posttrain show mimo_tiny:mopd --json",
     "stage": "posttrain stage recipes/mimo_tiny.yaml sft --store .posttrain/store",
+    "ui": "posttrain ui   # then posttrain run recipes/mimo_tiny.yaml in another terminal",
 }
 
 
@@ -471,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     provenance_cli.register(sub)
+    ui.register(sub, add)
     return ap
 
 

@@ -1,0 +1,74 @@
+"""`posttrain ui` serves the Prefect and MLflow UIs over the project's state on 127.0.0.1, and a
+`posttrain run` with the same --state-dir records there while it is up; Ctrl-C stops both
+servers. Slow tier (two servers start: about a minute on 2 cores).
+
+Run: ``.venv/bin/python -m pytest tests/test_ui_slow.py -q -m slow``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+POSTTRAIN = [sys.executable, "-m", "flows.cli"]
+RECIPE = """\
+name: ui_tiny
+stages:
+  data: {kind: data, domains: [arith], size: 32, seed: 0}
+  base: {kind: base, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32,
+         domains: [arith], eval_n: 2}
+"""
+
+
+def _get(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())
+
+
+def test_posttrain_ui_serves_both_uis_and_runs_record_there(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    ui = subprocess.Popen([*POSTTRAIN, "ui", "--state-dir", str(state), "--prefect-port",
+                           str(free_port()), "--mlflow-port", str(free_port())],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (state / "ui.json").exists():
+            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
+            time.sleep(0.5)
+        info = json.loads((state / "ui.json").read_text())
+        assert info["prefect_ui_url"].startswith("http://127.0.0.1:")
+        page = urllib.request.urlopen(info["prefect_ui_url"], timeout=10).read().decode()
+        assert "<html" in page.lower()  # the Prefect UI itself is served
+        recipe = tmp_path / "ui_tiny.yaml"
+        recipe.write_text(RECIPE)
+        p = subprocess.run([*POSTTRAIN, "run", str(recipe), "--store", str(tmp_path / "store"),
+                            "--state-dir", str(state), "--json"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "posttrain ui is up" in p.stderr
+        exps = _get(f"{info['mlflow_url']}/api/2.0/mlflow/experiments/get-by-name"
+                    "?experiment_name=ui_tiny")
+        assert exps["experiment"]["name"] == "ui_tiny"
+        req = urllib.request.Request(f"{info['prefect_api_url']}/flow_runs/filter",
+                                     data=b"{}", headers={"Content-Type": "application/json"})
+        flow_runs = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert [r["state_type"] for r in flow_runs] == ["COMPLETED"]
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(60)
+    assert ui.returncode == 0
+    assert not (state / "ui.json").exists()
