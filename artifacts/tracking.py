@@ -265,7 +265,13 @@ class Tracker:
                    if r.get("stage")}}
         if parent:
             tags["mlflow.parentRunId"] = parent
+        # A trained stage's run spans its training (the manifest's timings), so MLflow's
+        # Duration column is the stage's own time, not the few ms of this mirror.
+        t = (m.get("timings") or {}) if status == "trained" else {}
+        start = int(t["started_unix"] * 1000) if _num(t.get("started_unix")) else None
+        end = int(t["ended_unix"] * 1000) if _num(t.get("ended_unix")) else None
         rid = c.create_run(eid, run_name=f"{m.get('stage')}{' (reused)' if link_only else ''}",
+                           start_time=start,
                            tags={k: str(v) for k, v in tags.items()}).info.run_id
         model_id = existing
         if link_only:
@@ -305,7 +311,7 @@ class Tracker:
                                       for d, v in (metrics.get("eval") or {}).items() if _num(v)])
             if m.get("produces", "model") == "model":
                 self._register(c, m, rid, model)
-        c.set_terminated(rid, "FINISHED")
+        c.set_terminated(rid, "FINISHED", end_time=end)
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
 

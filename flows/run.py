@@ -16,10 +16,12 @@ Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 
 from flows import loopback, procs
 from flows.board import Board
@@ -76,9 +78,9 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
     board: Any = rt["board"] if rt else _NoBoard()
     # In a Ray worker the run's runner is not here: a fresh one, which holds nothing, launches.
     runner: Runner = rt["runner"] if rt else RUNNERS[run.runner]()
-    if sp.status == "fresh":
+    if sp.status == "fresh":  # in the store: Prefect shows the task as Cached
         board.update(sp.name, state="reused")
-        return StageResult(sp.name, sp.key, "reused", 0.0)
+        return _cached(StageResult(sp.name, sp.key, "reused", 0.0))
     runner.reserve(sp)
     try:
         files = {x: Path(run.run_dir) / f"{sp.name}.{x}"
@@ -101,7 +103,8 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
         board.update(sp.name, state="running", started=time.time(),
                      progress_file=str(files["progress.jsonl"]))
         try:
-            rc = runner.launch(cmd, env, files["log"])
+            with _forward_log(files["log"]):
+                rc = runner.launch(cmd, env, files["log"])
         except Interrupted as e:
             return _interrupted(sp, board, f"not run: interrupted ({e})")
         result = _outcome(sp, rc, files["result.json"], files["log"])
@@ -116,9 +119,59 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
             # (the run prints it) instead of Prefect's traceback of our wrapper.
             return Failed(message=message)
         board.update(sp.name, state=result.status, ended=time.time())
+        if result.status == "reused":  # another run stored it meanwhile
+            return _cached(result)
         return result
     finally:
         runner.release(sp)
+
+
+def _cached(result: StageResult) -> State:
+    """A Completed state named Cached (what Prefect's own cache hits end in): the UI shows a
+    reused stage as cached, not as a stage that ran."""
+    return Completed(data=result, name="Cached",
+                     message=f"reused: {result.key[:12]} is in the store")
+
+
+@contextlib.contextmanager
+def _forward_log(path: Path, limit: int = 5000) -> Any:
+    """Stream the stage child's log lines into this task's Prefect logs while it runs (the
+    Prefect UI's task log), at most `limit` lines; the file stays the full record."""
+    try:
+        from prefect.logging import get_run_logger
+
+        logger = get_run_logger()
+    except Exception:  # not inside a Prefect task run
+        yield
+        return
+    done = threading.Event()
+
+    def tail() -> None:
+        sent, pos = 0, path.stat().st_size if path.exists() else 0
+        while sent < limit:
+            finished = done.is_set()
+            try:
+                with open(path, errors="replace") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+            except FileNotFoundError:
+                chunk = ""
+            for line in chunk.splitlines():
+                if line.strip() and sent < limit:
+                    logger.info(line[:2000])
+                    sent += 1
+            if finished:
+                return
+            done.wait(1.0)
+
+    t = threading.Thread(target=tail, daemon=True, name="posttrain-log-forward")
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join(timeout=10)
 
 
 def _attempt() -> int:
@@ -165,7 +218,9 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
     futures: dict[str, Any] = {}
     for sp in plans:
         task_ = stage_task.with_options(name=f"{recipe_name}:{sp.name}", retries=sp.retries,
-                                        task_run_name=sp.name)
+                                        task_run_name=sp.name,
+                                        tags={f"recipe:{recipe_name}", f"kind:{sp.kind}",
+                                              f"key:{sp.key[:12]}"})
         parents = [futures[x] for x in sp.parent_stages()]
         with runner.submit_options(sp):
             futures[sp.name] = task_.submit(sp, run, after=parents, wait_for=parents)
