@@ -14,6 +14,9 @@ install: $(STAMP)
 
 # torch first and pinned (the CPU wheel on disk); constraints keep every later resolve on it.
 $(STAMP): pyproject.toml constraints.txt
+	command -v dot >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq graphviz >/dev/null) || echo "warning: Graphviz (apt graphviz) \
+	  not installed: lineage pictures fall back to a column layout"
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PIP) install -q -c constraints.txt -e '.[dev,ray]' 2>&1 | grep -v "is ignored: it is neither" || true

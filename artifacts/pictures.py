@@ -160,8 +160,73 @@ def _levels(sub: dict[str, Any]) -> dict[str, int]:
     return level
 
 
+def _dq(text: str) -> str:
+    r"""A Graphviz double-quoted string's body.
+
+    >>> print(_dq('a "b" \\ c'))
+    a \"b\" \\ c
+    """
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def dot(sub: dict[str, Any]) -> str:
+    """The lineage as Graphviz DOT: parents left, one cluster per recipe, each box its stage,
+    kind, key prefix and eval line, each arrow its roles. Graphviz places labels so that none
+    is clipped or overlaps (the hand layout of `html_page` is only the fallback)."""
+    ids = {n["key"]: f"n{i}" for i, n in enumerate(sub["nodes"])}
+    lines = ["digraph lineage {", "  rankdir=LR; nodesep=0.35; ranksep=0.9;",
+             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11];',
+             '  edge [fontname="Helvetica", fontsize=9, color="#777777"];']
+    recipes: dict[str, list[dict[str, Any]]] = {}
+    for n in sub["nodes"]:
+        recipes.setdefault(n.get("recipe") or "?", []).append(n)
+    for r_i, (recipe, nodes) in enumerate(sorted(recipes.items())):
+        lines.append(f'  subgraph cluster_{r_i} {{ label="{_dq(recipe)}"; style=dashed; '
+                     'color="#999999";')
+        for n in nodes:
+            ev = " ".join(f"{d} {v:.2f}" for d, v in _evals(n).items()
+                          if isinstance(v, int | float))
+            text = _dq(f"{n.get('stage')}") + "\\n" + _dq(f"{n.get('kind')} · {n['key'][:8]}")
+            if ev:
+                text += "\\n" + _dq(ev)
+            width = 3 if n["key"] == sub.get("root") else 1
+            lines.append(f'    {ids[n["key"]]} [label="{text}", penwidth={width}, '
+                         f'fillcolor="{kind_color(n.get("kind"), n.get("produces"))}", '
+                         f'tooltip="{n["key"]}"];')
+        lines.append("  }")
+    for (p, c), roles in _merged_edges(sub).items():
+        lines.append(f'  {ids[p]} -> {ids[c]} [label="{_dq(", ".join(roles))}"];')
+    return "\n".join(lines) + "\n}\n"
+
+
+def render(sub: dict[str, Any], fmt: str = "svg") -> bytes | None:
+    """The lineage rendered by Graphviz's `dot` (svg, png); None where Graphviz is not
+    installed (`make install` installs it). The `dot` program is called directly: the PyPI
+    `graphviz` package only wraps it."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dot")
+    if exe is None or not sub["nodes"]:
+        return None
+    p = subprocess.run([exe, f"-T{fmt}"], input=dot(sub).encode(), capture_output=True,
+                       timeout=120)
+    return p.stdout if p.returncode == 0 else None
+
+
 def html_page(sub: dict[str, Any], title: str | None = None) -> str:
-    """A self-contained HTML page: the graph as inline SVG and a table of the nodes."""
+    """A self-contained HTML page: the graph as inline SVG (laid out by Graphviz when it is
+    installed, else by a simple column layout) and a table of the nodes."""
+    if (laid := render(sub, "svg")) is not None:
+        text = laid.decode()
+        svg_text = text[text.find("<svg"):]
+    else:
+        svg_text = _column_svg(sub)
+    return _page(sub, svg_text, title)
+
+
+def _column_svg(sub: dict[str, Any]) -> str:
+    """The fallback layout: one column per depth, boxes in rows (labels may crowd)."""
     bw, bh, gx, gy, pad = 210, 64, 150, 36, 24
     level = _levels(sub)
     cols: dict[int, list[dict[str, Any]]] = {}
@@ -215,6 +280,11 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
                    f'{e(n["key"][:12])}</text>'
                    f'<text x="{x + 8}" y="{y + 51}" font-size="10">{e(ev[:40])}</text></g>')
     svg += labels + ["</svg>"]
+    return "".join(svg)
+
+
+def _page(sub: dict[str, Any], svg: str, title: str | None) -> str:
+    e = html.escape
     _, rows = eval_table(sub["nodes"])
     domains = [k for k in (rows[0] if rows else {}) if k not in ("stage", "recipe", "kind", "key")]
     head = "".join(f"<th>{e(h)}</th>" for h in ["recipe:stage", "kind", "role", "key", *domains])
@@ -229,7 +299,7 @@ def html_page(sub: dict[str, Any], title: str | None = None) -> str:
             f"<title>{e(title)}</title><style>body{{font-family:sans-serif;margin:20px}}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
             "font-size:12px;text-align:left}.graph{overflow:auto}</style></head><body>"
-            f"<h1>{e(title)}</h1><div class=\"graph\">{''.join(svg)}</div>"
+            f"<h1>{e(title)}</h1><div class=\"graph\">{svg}</div>"
             f"<h2>Stages</h2><table><tr>{head}</tr>{''.join(body)}</table>"
             "</body></html>\n")
 

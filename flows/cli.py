@@ -218,9 +218,13 @@ def close_run(args: argparse.Namespace, session: dict[str, Any]) -> int:
                                                                 if p.name == r.stage),
                         eval=((store.manifest(r.key) or {}).get("metrics") or {}).get("eval"))
                    for r in results]
+        from artifacts import pictures
+
+        figures = {"lineage.md": lineage_md}
+        if svg := pictures.render(_run_lineage(store, planned), "svg"):  # what MLflow shows
+            figures["lineage.svg"] = svg.decode()
         tracker.finish_run(parent_run, "KILLED" if stopped else "FINISHED"
-                           if len(ok) == len(results) else "FAILED",
-                           summary, {"lineage.md": lineage_md})
+                           if len(ok) == len(results) else "FAILED", summary, figures)
     _print_eval_table(store, planned, ok)
     for r in results:
         if r.status == "failed":
@@ -289,18 +293,25 @@ def _start_tracking(args: argparse.Namespace, recipe: str, run_id: str,
 
 def _figures(store: Store, planned: list[Any], run_id: str) -> tuple[str, list[dict[str, Any]]]:
     """(Mermaid lineage markdown, eval rows) of the stages of this run that are stored."""
-    from artifacts import lineage, pictures
+    from artifacts import pictures
 
-    keys = {p.key for p in planned if store.has(p.key)}
-    g = lineage.build(store)
-    sub = {"root": None, "direction": "up",
-           "nodes": [dict(n, depth=0, role=None, roles=[]) for k, n in g.nodes.items()
-                     if k in keys],
-           "edges": [e for e in g.edges if e["parent"] in keys and e["child"] in keys]}
+    sub = _run_lineage(store, planned)
     _, rows = pictures.eval_table([m for p in planned if (m := store.manifest(p.key))])
     md = pictures.mermaid_markdown(sub, f"Lineage of {run_id}") if sub["nodes"] else ""
     return md, [r for r in rows if any(v is not None for k, v in r.items()
                                        if k not in ("stage", "recipe", "kind", "key"))]
+
+
+def _run_lineage(store: Store, planned: list[Any]) -> dict[str, Any]:
+    """The lineage subgraph of this run's stored stages (pictures' `sub` shape)."""
+    from artifacts import lineage
+
+    keys = {p.key for p in planned if store.has(p.key)}
+    g = lineage.build(store)
+    return {"root": None, "direction": "up",
+            "nodes": [dict(n, depth=0, role=None, roles=[]) for k, n in g.nodes.items()
+                      if k in keys],
+            "edges": [e for e in g.edges if e["parent"] in keys and e["child"] in keys]}
 
 
 def _print_eval_table(store: Store, planned: list[Any], ok: set[str]) -> None:

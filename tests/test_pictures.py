@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))  # not ~/.cache
 
@@ -69,7 +72,19 @@ def test_accuracy_png(tmp_path: Path) -> None:
     assert pictures.accuracy_png([{"stage": "x", "eval": {}}], tmp_path / "b.png") is None
 
 
-def test_html_page_offline() -> None:
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz not installed")
+def test_html_page_laid_out_by_graphviz() -> None:
+    page = pictures.html_page(SUB)
+    assert page.startswith("<!doctype html>") and page.count('class="node"') == 4
+    assert page.count('class="edge"') == 4 and "init, reference" in page
+    assert "team &quot;b&quot;:x" in page or "team &#34;b&#34;:x" in page  # escaped, not raw
+    assert not re.search(r"<script|<link|https?://(?!www\.w3\.org/)", page)
+    svg = pictures.render(SUB, "png")
+    assert svg is not None and svg[:4] == b"\x89PNG"
+
+
+def test_html_page_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no Graphviz: the column layout
     page = pictures.html_page(SUB)
     assert page.startswith("<!doctype html>") and page.count("<rect") == 4
     assert page.count('marker-end="url(#arrow)"') == 4 and "init, reference" in page
