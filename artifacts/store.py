@@ -7,6 +7,7 @@ Layout under the store root (any fsspec URL: a local path, ``file://``, ``memory
     objects/<key>/mlflow.json          MLflow ids, written after publishing (not in `files`)
     refs/<recipe>/<stage>              text file holding a key (`recipe:stage` names)
     tmp/<key>.<nonce>/                 staging (local stores: renamed or swapped into place)
+    tmp/<key>.resume/                  a building stage's resumable state (`resume_every`)
     locks/<key>.lock                   one builder per key across processes (local stores)
     locks/<key>/lease.<generation>     the same on remote stores (artifacts/lease.py)
 
@@ -165,6 +166,9 @@ def file_table(root: Path) -> list[dict[str, Any]]:
                  "sha256": _sha256_file(p)}
             )
     return rows
+
+
+RESUME_SUFFIX = ".resume"  # tmp/<key>.resume/: resumable state, kept across killed builds
 
 
 class Store:
@@ -390,11 +394,22 @@ class Store:
         with guard_space(base, "point --store elsewhere"):
             base.mkdir(parents=True, exist_ok=True)
             # Builders of `key` hold `lock(key)`: a staging dir of that key left now is dead.
+            # Not its resumable state (`resume_dir`), which outlives a killed build on purpose.
             for stale in base.glob(f"{key}.*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale.name != f"{key}{RESUME_SUFFIX}":
+                    shutil.rmtree(stale, ignore_errors=True)
             d = base / f"{key}.{uuid.uuid4().hex[:8]}"
             d.mkdir()
         return d
+
+    def resume_dir(self, key: str, state_dir: str | os.PathLike[str]) -> Path:
+        """A stable local directory for `key`'s resumable training state (tasks/resume.py):
+        `tmp/<key>.resume/` in a local store (beside staging, never an artifact), else
+        `<state_dir>/resume/<key>/`. The builder removes it once `key` is published."""
+        check_key(key, "resume", "build a content key")
+        if self.local:
+            return Path(self._p("tmp", f"{key}{RESUME_SUFFIX}"))
+        return Path(state_dir) / "resume" / key
 
     def publish(self, key: str, staged: Path, manifest: dict[str, Any],
                 before_manifest: Any = None) -> dict[str, Any]:

@@ -11,9 +11,9 @@ change changes the key too): the kind's code files (``artifacts.keys.code_files`
 its code digest), user data files (``path:`` of a ``data`` stage; a DVC-tracked one is keyed by
 its DVC md5, artifacts/keys.data_digest), and the recipe sections as DVC ``params`` (the stage
 template, ``defaults.<kind>``, ``vars`` when used), plus the parents' pointer files. So after an
-edit ``dvc status`` names the stages ``posttrain plan`` rebuilds (a ``resources:`` or
-``verify_inputs:`` edit is the exception: it is in the section but not in the key). ``--set``
-overrides are invisible to DVC.
+edit ``dvc status`` names the stages ``posttrain plan`` rebuilds (a ``resources:``,
+``verify_inputs:`` or ``resume_every:`` edit is the exception: it is in the section but not in
+the key). ``--set`` overrides are invisible to DVC.
 
 Run: ``posttrain export-dvc recipes/mimo_tiny.yaml --output dvc.yaml && dvc dag``
 """

@@ -11,7 +11,9 @@ stages `<name>_r1 .. <name>_r{N-1}`, then `<name>`, each starting from the previ
 `use: <ref>`
 (pin to an existing artifact: nothing is built), `resources` {cpus, gpus}, `retries`,
 `verify_inputs` (`hash`, the default, or `size`: how inputs are checked against their
-manifests before training; not in the key: it changes no trained byte), and
+manifests before training; not in the key: it changes no trained byte), `resume_every: N`
+(training kinds that declare RESUMABLE: save resumable state every N steps, so a killed stage
+resumes instead of restarting; off when absent; not in the key either), and
 `launch` {processes, accelerate}: run the stage as N data-parallel processes (torchrun), or
 under `accelerate launch --config_file <accelerate>` (e.g. infra/deepspeed/zero2.yaml).
 A string that is exactly `${var}` is replaced by that var's value. `--set NAME.path=value`
@@ -47,7 +49,7 @@ from tasks.kind import FIELD_OF_ROLE, ROLE_OF_FIELD
 
 STAGE_FIELDS = ("kind", "description", "from", "teachers", "generators", "data", "reference",
                 "reward_model", "foreach", "rounds", "use", "resources", "retries", "launch",
-                "verify_inputs")
+                "verify_inputs", "resume_every")
 VERIFY_MODES = ("hash", "size")  # artifacts/verify.py MODES (imported there without yaml)
 TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
 
@@ -100,6 +102,7 @@ class StageSpec:
     launch: Launch = Launch()
     warnings: tuple[str, ...] = ()  # from the kind's plan-time checks (route_checks: warn)
     verify_inputs: str = "hash"  # inputs checked by sha256 ("hash") or by size only ("size")
+    resume_every: int | None = None  # steps between resumable snapshots (None: off)
 
     def parents(self) -> list[str]:
         out: list[str] = []
@@ -612,6 +615,33 @@ def _parse_launch(raw: Any, recipe_dir: Path, ctx: Any, where: tuple[str, ...]) 
     return Launch(n, str(path.resolve()))
 
 
+def _parse_resume_every(body: dict[str, Any], kind: str, resumable: bool, launch: Launch,
+                        ctx: Any, where: tuple) -> int | None:
+    """`resume_every: N`, N >= 1 steps between resumable snapshots (absent: off).
+
+    Off by default: a snapshot is the weights plus the optimizer's moments (about 3x the
+    model) written every N steps, a disk cost to choose per stage, not to find."""
+    if "resume_every" not in body:
+        return None
+    n = body["resume_every"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ctx.error(where + ("resume_every",), "resume_every is the number of steps "
+                        f"between resumable snapshots, an integer >= 1, got {n!r}; remove it "
+                        "to train without them")
+    if not resumable:
+        raise ctx.error(where + ("resume_every",), f"kind {kind} cannot resume (only training "
+                        f"kinds that declare RESUMABLE do: {', '.join(_resumable_kinds())}); "
+                        "remove resume_every")
+    if launch.distributed:
+        raise ctx.error(where + ("resume_every",), "resume_every is not supported with "
+                        "`launch:` (data-parallel ranks) yet; remove one of them")
+    return n
+
+
+def _resumable_kinds() -> list[str]:
+    return [k for k in tasks.KINDS if kinds.spec(k).resumable]
+
+
 def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, validate and expand a recipe file. Raises RecipeError on any user error."""
     doc, ctx = load_yaml(path)
@@ -716,8 +746,10 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
                             f"every input file, the default) or `size` (sizes only), got "
                             f"{verify!r}")
         launch = _parse_launch(body.get("launch"), recipe_dir, ctx, where)
+        resume_every = _parse_resume_every(body, kind, kspec.resumable, launch, ctx, where)
         specs[sname] = StageSpec(sname, kind, config, inputs, Resources(**res), retries,
-                                 where=".".join(where), launch=launch, verify_inputs=verify)
+                                 where=".".join(where), launch=launch, verify_inputs=verify,
+                                 resume_every=resume_every)
 
     for s in specs.values():
         for p in s.parents():

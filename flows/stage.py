@@ -16,9 +16,20 @@ naming the path and the free space. Under a
 launcher (`launch: {processes: N}`), every rank reads the same plan and trains; rank 0 alone
 locks, publishes, tracks and writes the `StageResult`, and the rank count must match the plan's.
 
+Resume (`resume_every: N` on a stage of a RESUMABLE kind): the kind saves its training state
+every N steps into a stable per-key directory (`Store.resume_dir`: `<store>/tmp/<key>.resume/`,
+or `<state dir>/resume/<key>/` for a remote store), named to it by POSTTRAIN_RESUME_DIR and
+POSTTRAIN_RESUME_EVERY for the duration of `run` (tasks/resume.py). A build killed by SIGKILL,
+preemption or an error leaves it; the next build of the key (the next `posttrain run`, or a
+Prefect retry) resumes from it, says so in its log, and the manifest records
+`resumed_from_step` (null when it started from scratch). It is removed once the key is
+published (or found already published).
+
 Fault injection for tests (documented, inert unless set): POSTTRAIN_FAULT="<stage>:kill" kills
 the process with SIGKILL as the stage starts; "<stage>:kill-before-manifest" kills it after the
-payload is in place and before the manifest is written.
+payload is in place and before the manifest is written; "<stage>:kill-at-step-<N>" kills it when
+the kind reports step N to its progress callback (a TRL kind reports before its step-N
+checkpoint is written, our own loops after their step-N snapshot).
 
 Run: ``posttrain stage recipes/mimo_tiny.yaml sft``; the flow runs
 ``posttrain stage --plan-file RUN/sft.plan.json --result-file RUN/sft.result.json``.
@@ -26,12 +37,14 @@ Run: ``posttrain stage recipes/mimo_tiny.yaml sft``; the flow runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +64,7 @@ class ProgressWriter:
         self.tty = sys.stderr.isatty() and path is None
 
     def __call__(self, step: int, total: int, metrics: Any) -> None:
+        _fault(self.stage, f"kill-at-step-{step}")  # before the throttle: every step counts
         now = time.time()
         if now - self.last < 0.5 and step < total:
             return
@@ -76,6 +90,29 @@ class ProgressWriter:
 def _fault(stage: str, point: str) -> None:
     if os.environ.get("POSTTRAIN_FAULT") == f"{stage}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _resume_env(resume: Path | None, every: int | None) -> Iterator[None]:
+    """Name the resume dir and interval to the kind (tasks/resume.py) while it runs, and only
+    then: an in-process caller (tests, a later stage) must not inherit them."""
+    from tasks import resume as resume_mod
+
+    names = (resume_mod.ENV_DIR, resume_mod.ENV_EVERY)
+    before = {n: os.environ.get(n) for n in names}
+    if resume is not None and every:
+        os.environ.update({resume_mod.ENV_DIR: str(resume), resume_mod.ENV_EVERY: str(every)})
+    else:  # resume off: a value left in the environment must not turn it on
+        for n in names:
+            os.environ.pop(n, None)
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def _ref(store: Store, key: str) -> ArtifactRef:
@@ -267,7 +304,9 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     if rank_ > 0:  # (0, 1) above when the stage is stored: every rank reuses it below
         return _follow(sp, inputs, world, t0)
     with store.lock(sp.key) as lease:
+        resume = store.resume_dir(sp.key, state_dir)
         if store.has(sp.key) and not force:
+            shutil.rmtree(resume, ignore_errors=True)  # another builder finished the key
             store.set_ref(sp.recipe, stage, sp.key)
             write_pointer(pointer, store, sp, sp.recipe)
             return StageResult(stage, sp.key, "reused", round(time.time() - t0, 3))
@@ -279,10 +318,12 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
         try:
             started = time.time()
             # The payload is written into the store's staging: a full disk there is the store's.
-            with guard_space(staged, "point --store elsewhere"):
+            with guard_space(staged, "point --store elsewhere"), \
+                    _resume_env(resume, sp.resume_every):
                 metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
             ended = time.time()
             metrics = dict(metrics or {})
+            resumed = metrics.pop("resumed_from_step", None)
             warnings = list(sp.warnings) + list(metrics.pop("warnings", []) or [])
             man = manifest_mod.build(
                 recipe=sp.recipe, stage=stage, kind=sp.kind, produces=module.PRODUCES,
@@ -292,6 +333,7 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
                 sft_root=_sft_root(sp, inputs), warnings=warnings, run_id=run_id)
             man["key"] = sp.key
             man["inputs_verified"] = verified
+            man["resumed_from_step"] = resumed  # null: trained from its inputs, not resumed
             if sp.spec.launch.distributed:
                 man["launch"] = {"processes": world, "accelerate": sp.launch.get("accelerate")}
             from flows.procs import check_parent
@@ -306,6 +348,8 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
+        # Published: the resumable state has served (kept on any failure above, for a retry).
+        shutil.rmtree(resume, ignore_errors=True)
     # Publish first, mirror second: the ref, the pointer and MLflow only name a stored key.
     store.set_ref(sp.recipe, stage, sp.key)
     write_pointer(pointer, store, sp, sp.recipe)

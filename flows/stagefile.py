@@ -44,8 +44,9 @@ def _check(cls: type, doc: Any, source: str, types: dict[str, tuple[type, ...]])
         raise StageFileError(f"{source}: {what} format {doc.get('format')!r}, this posttrain "
                              f"reads format {FORMAT}: plan and run with the same version")
     names = [f.name for f in fields(cls)]
-    # A field added later with a default (verify_inputs, user_error) may be absent: a file
-    # written just before an upgrade still reads, as the default. Every other field must be.
+    # A field added later with a default (verify_inputs, resume_every, user_error) may be
+    # absent: a file written just before an upgrade still reads, as the default. Every other
+    # field must be.
     optional = {f.name for f in fields(cls) if f.default is not MISSING
                 or f.default_factory is not MISSING}
     missing = [n for n in names if n not in doc and n not in optional]
@@ -110,13 +111,16 @@ class StagePlan:
     # How the stage checks its inputs against their manifests before training: "hash" (sha256
     # of every file) or "size". Not in the key: it changes no trained byte (flows/recipe.py).
     verify_inputs: str = "hash"
+    # Steps between resumable snapshots (None: off). Not in the key either (tasks/resume.py).
+    resume_every: int | None = None
 
     TYPES = {"recipe": (str,), "recipe_file": (str,), "stage": (str,), "kind": (str,),
              "key": (str,), "config": (dict,), "input_keys": (dict,), "parents": (dict,),
              "code_digest": (str,), "code_files": (dict,), "data_digests": (dict,),
              "launch": (dict,), "resources": (dict,), "retries": (int,), "status": (str,),
              "reasons": (list,), "warnings": (list,), "sets": (list,),
-             "use": (str, type(None)), "verify_inputs": (str,)}
+             "use": (str, type(None)), "verify_inputs": (str,),
+             "resume_every": (int, type(None))}
 
     @property
     def name(self) -> str:
@@ -132,7 +136,7 @@ class StagePlan:
         return StageSpec(self.stage, self.kind, self.config, inputs,
                          Resources(**self.resources), self.retries, self.use,
                          launch=Launch(**self.launch), warnings=self.warnings,
-                         verify_inputs=self.verify_inputs)
+                         verify_inputs=self.verify_inputs, resume_every=self.resume_every)
 
     def parent_stages(self) -> list[str]:
         """Names of the stages this one waits for."""
@@ -154,7 +158,8 @@ class StagePlan:
                    launch=asdict(spec.launch), resources=asdict(spec.resources),
                    retries=spec.retries, status=ps.status, reasons=tuple(ps.reasons),
                    warnings=tuple(getattr(spec, "warnings", ()) or ()),
-                   sets=tuple(recipe.sets), use=spec.use, verify_inputs=spec.verify_inputs)
+                   sets=tuple(recipe.sets), use=spec.use, verify_inputs=spec.verify_inputs,
+                   resume_every=spec.resume_every)
 
     def to_json(self) -> str:
         doc = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -170,6 +175,9 @@ class StagePlan:
         if doc.get("verify_inputs", "hash") not in ("hash", "size"):
             raise StageFileError(f"{source}: StagePlan.verify_inputs is hash or size, got "
                                  f"{doc['verify_inputs']!r}")
+        if doc.get("resume_every") is not None and doc["resume_every"] < 1:
+            raise StageFileError(f"{source}: StagePlan.resume_every is null or an integer >= 1,"
+                                 f" got {doc['resume_every']!r}")
         args = {k: v for k, v in doc.items() if k != "format"}
         for k in ("reasons", "warnings", "sets"):
             if k in args:

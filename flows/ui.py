@@ -92,6 +92,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("PREFECT_API_URL", None)
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{p_port}/api"  # else the UI asks :4200
     logs = state / "ui"
     logs.mkdir(exist_ok=True)
     cmds = {

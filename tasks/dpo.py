@@ -35,6 +35,7 @@ from tasks import domains as _domains
 from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
+RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The policy trained (also the reference by default)."),
     "data": train_rows("prompt", "chosen", "rejected",
@@ -92,6 +93,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from trl import DPOConfig, DPOTrainer
 
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
     from tasks.rm_scoring import check_compatible
@@ -125,6 +127,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
             "num_tokens": "num_tokens"}
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
+    resume = resume_mod.current()
     args = {
         **models.trainer_defaults(work),
         "use_cpu": not torch.cuda.is_available(),
@@ -132,6 +135,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         **config.model_dump(include=set(_TRL_FIELDS)),
         **({"loss_type": [config.loss_type, "sft"], "loss_weights": [1.0, config.sft_weight]}
            if config.sft_weight else {}),
+        **resume_mod.trainer_args(resume),  # checkpoints into the resume dir (resume_every)
     }
     try:
         dpo_args = DPOConfig(**args)
@@ -141,7 +145,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                          processing_class=tokenizer, callbacks=[callback])
     models.silence_printer(trainer)
     start = time.perf_counter()
-    trainer.train()
+    checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
     model = trainer.model
@@ -163,7 +168,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         "rows": float(len(rows)),
     }
     scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
-    return {"eval": scores, "train": train, "history": models.subsample(history)}
+    return {"eval": scores, "train": train, "history": models.subsample(history),
+            "resumed_from_step": resume_mod.resumed_step(checkpoint)}
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from tasks import domains as _domains
 from tasks.kind import KindCheckError, Node, Role, train_rows
 
 PRODUCES = "model"
+RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The policy trained."),
     "data": train_rows("prompt", "answer", "domain",
@@ -196,6 +197,22 @@ def _check_reference(reference: ArtifactRef, init: ArtifactRef, model: Any) -> N
         )
 
 
+def _align_resume(trainer: Any, every: int, step: int | None) -> None:
+    """Snapshots must fall where TRL generates a fresh batch: a resumed GRPOTrainer starts with
+    no buffered generations, and its micro-step counter (`_step`, not in the checkpoint) is put
+    back from the step, so it regenerates exactly where the uninterrupted run does."""
+    args = trainer.args
+    micro = args.steps_per_generation * trainer.num_iterations  # micro-steps per generation
+    if micro % args.gradient_accumulation_steps or every * args.gradient_accumulation_steps % micro:
+        raise StageInputError(
+            f"resume_every {every} must be a multiple of the optimizer steps between two "
+            f"generations (steps_per_generation {args.steps_per_generation} x num_iterations "
+            f"{trainer.num_iterations} / gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}); set resume_every to such a multiple")
+    if step:
+        trainer._step = step * args.gradient_accumulation_steps
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """GRPO-train `init` on the data rows; save to `out_dir`; return eval/train/history."""
     import torch
@@ -203,6 +220,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from trl import GRPOConfig, GRPOTrainer
 
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
     from tasks.rm_scoring import policy_rewards
@@ -258,6 +276,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     keys.update(rm_keys)
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
+    resume = resume_mod.current()
     args = {
         **models.trainer_defaults(work),
         "use_cpu": not torch.cuda.is_available(),
@@ -270,6 +289,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         **config.trainer,
         **config.model_dump(include=set(_TRL_FIELDS)),
         **({"reward_weights": reward_weights} if reward_weights else {}),
+        **resume_mod.trainer_args(resume),  # checkpoints into the resume dir (resume_every)
     }
     try:
         grpo_args = GRPOConfig(**args)
@@ -285,7 +305,10 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     )
     models.silence_printer(trainer)
     start = time.perf_counter()
-    trainer.train()
+    checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`
+    if resume is not None:
+        _align_resume(trainer, resume.every, resume_mod.resumed_step(checkpoint))
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
     model = trainer.model
@@ -312,7 +335,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                 curve[-10:])
     eval_domains = config.eval_domains if config.eval_domains is not None else present
     scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
-    metrics: dict = {"eval": scores, "train": train, "history": models.subsample(history)}
+    metrics: dict = {"eval": scores, "train": train, "history": models.subsample(history),
+                     "resumed_from_step": resume_mod.resumed_step(checkpoint)}
     if warnings:
         metrics["warnings"] = warnings
     return metrics

@@ -16,6 +16,13 @@ and, where the kind has rules of its own, any of these optional hooks (looked up
 these names through `hooks`; nothing else is discovered):
 
 - ``STARTS_LINEAGE = True``: the kind's output is an SFT-lineage root (``sft``).
+- ``RESUMABLE = True``: the kind honours the stage field ``resume_every: N`` (a recipe setting
+  on another kind is refused at plan time). While such a stage builds, flows/stage.py sets
+  ``POSTTRAIN_RESUME_DIR`` (a stable per-key directory, not an artifact, removed once the stage
+  is published) and ``POSTTRAIN_RESUME_EVERY`` (N) in the environment; the kind reads them with
+  ``tasks.resume.current()``, saves its whole training state there every N steps, resumes from
+  it when present, and returns ``resumed_from_step`` (None or the step) in its metrics
+  (tasks/resume.py).
 - ``prepare(config: dict, recipe_dir: Path) -> dict``: resolve recipe-relative paths before the
   config is validated (raises ``KindCheckError``).
 - ``data_files(config) -> {name: path}``: user files whose content enters the key.
@@ -123,6 +130,7 @@ class KindSpec:
     produces: ArtifactType
     roles: Mapping[str, Role]
     starts_lineage: bool = False
+    resumable: bool = False  # honours `resume_every` (tasks/resume.py)
     hooks: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
     @property
@@ -146,6 +154,7 @@ def _spec(kind: str) -> KindSpec:
         _CACHE[kind] = KindSpec(
             name=kind, module=module, config=module.Config, produces=module.PRODUCES,
             roles=dict(module.ROLES), starts_lineage=bool(getattr(module, "STARTS_LINEAGE", False)),
+            resumable=bool(getattr(module, "RESUMABLE", False)),
             hooks={h: getattr(module, h) for h in OPTIONAL_HOOKS if hasattr(module, h)})
     return _CACHE[kind]
 

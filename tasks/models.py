@@ -192,16 +192,26 @@ def progress_callback(progress: Any, total: int, history: list[dict], keys: dict
     """A TrainerCallback that feeds `progress` and appends {"step", name: value} to `history`.
 
     `keys` maps a trainer log key (e.g. "reward") to the name we record (e.g. "reward").
+    A run resumed from a checkpoint (tasks/resume.py) first gets the steps before it back from
+    the checkpoint's log history, so its curve is the uninterrupted run's.
     """
     from transformers import TrainerCallback
 
+    def point_of(logs: dict) -> dict[str, float]:
+        point = {
+            n: float(logs[k]) for k, n in keys.items() if isinstance(logs.get(k), int | float)
+        }
+        return {} if "train_runtime" in logs else point  # the end-of-training summary is not one
+
     class _Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if not history:  # resumed: state.log_history is the checkpoint's
+                history.extend({"step": int(row["step"]), **p} for row in state.log_history
+                               if "step" in row and (p := point_of(row)))
+
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            logs = logs or {}
-            point = {
-                n: float(logs[k]) for k, n in keys.items() if isinstance(logs.get(k), int | float)
-            }
-            if not point or "train_runtime" in logs:  # the end-of-training summary is not a point
+            point = point_of(logs or {})
+            if not point:
                 return
             history.append({"step": int(state.global_step), **point})
             progress(int(state.global_step), total, point)
@@ -242,14 +252,17 @@ def trainer_defaults(out_dir: Path) -> dict[str, Any]:
 # exactly one artifact; Trainer checkpoints land in a staging directory deleted at the end.
 _CKPT = ("checkpoints inside a stage are deleted when the stage ends (the store keeps only its "
          "final model); to keep an intermediate model, end a stage at that step and chain the "
-         "next one with `from:`")
+         "next one with `from:`; to survive a kill, set `resume_every: N` on the stage")
 STAGE_OWNED = {
     "output_dir": "the stage writes into the store's staging directory",
     "save_strategy": _CKPT,
     "save_steps": _CKPT,
     "save_total_limit": _CKPT,
     "load_best_model_at_end": "a stage never picks a checkpoint by its held-out score",
-    "resume_from_checkpoint": "a stage starts from its `from:` model",
+    "resume_from_checkpoint": "a stage starts from its `from:` model, or from its own resumable "
+    "state (`resume_every: N` on the stage)",
+    "ignore_data_skip": "a resumed stage must see the uninterrupted run's data order",
+    "save_only_model": _CKPT,
     "push_to_hub": "artifacts live in the store (and its MLflow mirror), not on a hub",
     "hub_model_id": "artifacts live in the store (and its MLflow mirror), not on a hub",
     "report_to": "the stage's curves go to MLflow through posttrain",

@@ -54,6 +54,7 @@ from tasks.kind import (
 )
 
 PRODUCES = "model"
+RESUMABLE = True  # `resume_every` works here: its loop snapshots itself (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The student (and its sampler)."),
     "teachers": Role("model", many=True, description="route -> teacher that scores the "
@@ -261,6 +262,7 @@ def run(
 
     from tasks import domains as _domains
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
     from tasks.mopd_trainer import Trainer, accelerator_for, mean
 
@@ -276,12 +278,23 @@ def run(
     trainer = Trainer(config, accelerator, student, teachers, tokenizer, table)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     history: list[dict] = []
+    resume = resume_mod.current()
+    snap, first = resume_mod.load(resume), 1
+    if snap is not None:  # a killed attempt of this key left its state: go on from it
+        trainer.load_state_dict(snap["trainer"])
+        rng.setstate(snap["prompts"])  # the data position: the prompt sampler's state
+        history, first = snap["history"], snap["step"] + 1
+        resume_mod.set_rng_state(snap["rng"])
     start = time.perf_counter()
-    for step in range(1, config.max_steps + 1):
+    for step in range(first, config.max_steps + 1):
         k = config.prompts_per_route
         rows = [r for v in sorted(by_value) for r in rng.choices(by_value[v], k=k)]
         point = trainer.step(rows)
         history.append({"step": step, **point})
+        if resume_mod.due(resume, step, config.max_steps):
+            assert resume is not None
+            resume_mod.save(resume, {"step": step, "trainer": trainer.state_dict(),
+                                     "prompts": rng.getstate(), "history": history})
         progress(step, config.max_steps, point)
     seconds = time.perf_counter() - start
     student = trainer.unwrapped()
@@ -305,7 +318,7 @@ def run(
         train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
         train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
     return {"eval": scores, "train": train, "history": models.subsample(history),
-            "warnings": warnings}
+            "warnings": warnings, "resumed_from_step": snap["step"] if snap else None}
 
 
 def _ref(path: str, kind: str) -> ArtifactRef:

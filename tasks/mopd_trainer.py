@@ -69,6 +69,21 @@ class Trainer:
         """The bare student module (for sampling, saving and evaluation)."""
         return self.acc.unwrap_model(self.student)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed loop needs from the trainer (tasks/resume.py): the student's
+        weights, the optimizer, the scheduler, the sampling generator and the token count."""
+        return {"student": self.unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "gen": self.gen.get_state(),
+                "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        self.unwrapped().load_state_dict(state["student"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["gen"])
+        self.tokens = int(state["tokens"])
+
     def collect(self, rows: list[dict]) -> dict[str, Any]:
         """Sample one completion per row, route each row to its teacher, score, verify."""
         import torch

@@ -55,6 +55,7 @@ from tasks import domains as _domains
 from tasks.kind import KindCheckError, Node, Role, columns_of, train_rows
 
 PRODUCES = "model"
+RESUMABLE = True  # `resume_every` works here: its loop snapshots itself (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The policy trained (and the KL reference by default)."),
     "data": train_rows("prompt", description="Prompts; the verifier also reads `domain` and "
@@ -225,6 +226,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from accelerate import Accelerator
 
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
     from tasks.ppo_trainer import PPOTrainer, Scorer, heldout_rm, mean
     from tasks.rm_scoring import load_reward_model
@@ -247,10 +249,21 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     trainer = PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     history: list[dict] = []
+    resume = resume_mod.current()
+    snap, first = resume_mod.load(resume), 1
+    if snap is not None:  # a killed attempt of this key left its state: go on from it
+        trainer.load_state_dict(snap["trainer"])
+        rng.setstate(snap["prompts"])  # the data position: the prompt sampler's state
+        history, first = snap["history"], snap["step"] + 1
+        resume_mod.set_rng_state(snap["rng"])
     start = time.perf_counter()
-    for step in range(1, config.max_steps + 1):
+    for step in range(first, config.max_steps + 1):
         point = trainer.step(rng.choices(rows, k=config.prompts_per_step))
         history.append({"step": step, **point})
+        if resume_mod.due(resume, step, config.max_steps):
+            assert resume is not None
+            resume_mod.save(resume, {"step": step, "trainer": trainer.state_dict(),
+                                     "prompts": rng.getstate(), "history": history})
         progress(step, config.max_steps, point)
     seconds = time.perf_counter() - start
     policy = trainer.unwrapped().policy
@@ -272,7 +285,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
             held = heldout_rm(policy, tokenizer, present, config.eval_n, inputs.reward_model)
             train.update({f"heldout_rm/{name}": v for name, v in held.items()})
     return {"eval": scores, "train": train, "history": models.subsample(history),
-            "warnings": warnings}
+            "warnings": warnings, "resumed_from_step": snap["step"] if snap else None}
 
 
 def _ref(path: str, kind: str) -> ArtifactRef:

@@ -98,6 +98,22 @@ class PPOTrainer:
     def unwrapped(self) -> ActorCritic:
         return self.acc.unwrap_model(self.ac)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed loop needs from the trainer (tasks/resume.py): policy and critic
+        weights, optimizer, scheduler, the sampling and minibatch-shuffle generators, tokens."""
+        return {"ac": self.unwrapped().state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "gen": self.gen.get_state(),
+                "shuffle": self.shuffle.get_state(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        self.unwrapped().load_state_dict(state["ac"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["gen"])
+        self.shuffle.set_state(state["shuffle"])
+        self.tokens = int(state["tokens"])
+
     def collect(self, rows: list[dict]) -> dict[str, Any]:
         """Sample, score (policy, critic, reference, rewards), and compute advantages."""
         cfg, dev, ac = self.config, self.acc.device, self.unwrapped()

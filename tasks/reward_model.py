@@ -39,6 +39,7 @@ from tasks import domains as _domains
 from tasks.kind import Role, train_rows
 
 PRODUCES = "reward_model"
+RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The causal LM whose transformer and tokenizer the RM "
                  "starts from (a fresh one-label score head is added)."),
@@ -160,6 +161,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from trl import RewardConfig, RewardTrainer
 
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.sft import init_ref, read_jsonl, require_columns
 
@@ -184,6 +186,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                            "num_tokens")}
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
+    resume = resume_mod.current()
     args = {
         **models.trainer_defaults(work),
         "use_cpu": not torch.cuda.is_available(),
@@ -191,6 +194,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         **config.model_dump(include={"max_steps", "learning_rate", "per_device_train_batch_size",
                                      "warmup_steps", "lr_scheduler_type", "seed", "max_length",
                                      "center_rewards_coefficient"}),
+        **resume_mod.trainer_args(resume),  # checkpoints into the resume dir (resume_every)
     }
     try:
         rm_args = RewardConfig(**args)
@@ -203,7 +207,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                               f"{config.max_length} tokens; raise max_length")
     models.silence_printer(trainer)
     start = time.perf_counter()
-    trainer.train()
+    checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
     model = trainer.model
@@ -224,7 +229,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     }
     scores = (pairwise_accuracy(model, tokenizer, eval_domains, config.eval_n)
               if config.eval_n else {})
-    return {"eval": scores, "train": train, "history": models.subsample(history)}
+    return {"eval": scores, "train": train, "history": models.subsample(history),
+            "resumed_from_step": resume_mod.resumed_step(checkpoint)}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_pr
 from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
+RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
 ROLES = {
     "init": Role("model", description="The model fine-tuned."),
     "data": train_rows("prompt", "completion",
@@ -107,6 +108,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from trl import SFTConfig, SFTTrainer
 
     from tasks import models
+    from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
 
@@ -132,6 +134,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     }
     callback = models.progress_callback(progress, config.max_steps, history, keys)
     work = out_dir / ".trainer"
+    resume = resume_mod.current()
     args = {
         **models.trainer_defaults(work),
         "completion_only_loss": True,
@@ -149,6 +152,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                 "seed",
             }
         ),
+        **resume_mod.trainer_args(resume),  # checkpoints into the resume dir (resume_every)
     }
     try:
         sft_args = SFTConfig(**args)
@@ -163,7 +167,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     )
     models.silence_printer(trainer)
     start = time.perf_counter()
-    trainer.train()
+    checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
     model = trainer.model
@@ -180,7 +185,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         "rows": float(len(rows)),
     }
     scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
-    return {"eval": scores, "train": train, "history": models.subsample(history)}
+    return {"eval": scores, "train": train, "history": models.subsample(history),
+            "resumed_from_step": resume_mod.resumed_step(checkpoint)}
 
 
 def _remove(path: Path) -> None:

@@ -101,8 +101,9 @@ def test_a_registered_model_loads_and_generates_through_mlflow_pyfunc(spine):
 def test_the_users_prefect_server_wins_over_the_local_fallback(where, tmp_path, monkeypatch):
     from flows import cli
 
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    for name in ("PREFECT_API_URL", "PREFECT_HOME"):  # recorded, so _quiet_env's are undone
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     if where == "env":
         monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")

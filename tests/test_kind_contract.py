@@ -42,6 +42,7 @@ def test_kind_honours_the_contract(name: str) -> None:
         assert decl.names is None or decl.many
     if spec.trains:
         assert "max_steps" in cfg.model_fields, f"training kind {name} needs max_steps"
+    assert not spec.resumable or spec.produces != "dataset", f"{name}: RESUMABLE trains a model"
     params = list(inspect.signature(spec.module.run).parameters)
     assert params[:4] == ["config", "inputs", "out_dir", "progress"]
     assert set(spec.hooks) <= set(kinds.OPTIONAL_HOOKS)

@@ -173,7 +173,8 @@ def test_grpo_without_reward_model_is_the_verifier_alone(tmp_path: Path) -> None
     from tasks.rm_scoring import policy_rewards
 
     funcs, weights, keys = policy_rewards(grpo.domain_reward, {}, {}, 1.0, None, None)
-    assert funcs == [grpo.domain_reward] and weights is None and keys == {}
+    assert funcs == [grpo.domain_reward] and weights is None
+    assert keys == {"rewards/domain_reward/mean": "verifier"}  # logged like with an RM
     with pytest.raises(StageInputError, match="no reward is left"):
         policy_rewards(grpo.domain_reward, {}, {}, 0.0, None, None)
     with pytest.raises(StageInputError, match=r"reward_weights \['x'\] name no"):
