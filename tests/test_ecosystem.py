@@ -74,12 +74,15 @@ def test_a_run_lands_on_the_servers_the_environment_names(prefect_harness, tmp_p
         assert p.returncode == 0 and len(c.search_runs([exp.experiment_id])) == len(runs2)
 
 
-def test_a_registered_model_loads_and_generates_through_mlflow_pyfunc(spine):
+def test_a_registered_model_loads_and_generates_through_mlflow_pyfunc(spine, monkeypatch):
     import mlflow
     import pandas as pd
 
     uri = f"sqlite:///{spine['state'] / 'mlflow.db'}"
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    # set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: recorded here, so
+    # monkeypatch takes them back and no later test inherits this test's MLflow.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -93,8 +96,8 @@ def test_a_registered_model_loads_and_generates_through_mlflow_pyfunc(spine):
         sig = json.loads(json.dumps(model.metadata.signature.to_dict()))
         assert "prompt" in sig["inputs"] and "completion" in sig["outputs"]
     finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 @pytest.mark.parametrize("where", ["env", "profile"])
