@@ -17,10 +17,15 @@ Run: ``python -c "import mlflow; print(mlflow.pyfunc.load_model('models:/mimo_ti
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+# predict has no type hints on purpose (below); MLflow warns about that on class definition.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method",
+                        category=UserWarning)
 
 
 class StoreModel(PythonModel):

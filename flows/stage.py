@@ -324,6 +324,12 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
             ended = time.time()
             metrics = dict(metrics or {})
             resumed = metrics.pop("resumed_from_step", None)
+            if module.PRODUCES in ("model", "reward_model") and not (staged / "README.md") \
+                    .exists():  # the Hub's model card: base_model lineage and the eval table
+                from artifacts.model_card import card
+
+                (staged / "README.md").write_text(card(sp.recipe, stage, sp.kind, sp.key,
+                                                       sp.parents, metrics.get("eval")))
             warnings = list(sp.warnings) + list(metrics.pop("warnings", []) or [])
             man = manifest_mod.build(
                 recipe=sp.recipe, stage=stage, kind=sp.kind, produces=module.PRODUCES,

@@ -45,6 +45,11 @@ def test_a_run_lands_on_the_servers_the_environment_names(prefect_harness, tmp_p
         p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         assert f"MLflow {url} (MLFLOW_TRACKING_URI)" in p.stderr
+        # each model checkpoint carries a Hugging Face model card with its lineage
+        keys = {r["stage"]: r["key"] for r in json.loads(p.stdout)}
+        card = (store / "objects" / keys["sft"] / "README.md").read_text()
+        assert "base_model: eco_tiny:base" in card and "base_model_relation: finetune" in card
+        assert not (store / "objects" / keys["data"] / "README.md").exists()
         assert f"Prefect {PREFECT_API_URL.value()}" in p.stderr
         # nothing local: no MLflow sqlite, no Prefect database under the state dir
         assert not list(state.rglob("*.db")), list(state.rglob("*.db"))
