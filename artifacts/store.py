@@ -265,13 +265,20 @@ class Store:
         if self.local:
             return Path(self.object_path(key))
         cache = Path(cache_dir or Path(tempfile.gettempdir()) / "posttrain-cache") / key
-        if not (cache / MANIFEST).exists():
+        # A cached copy is used only while its manifest is the store's: a key rebuilt since
+        # (--force, another store at the same key) is downloaded again, never served stale.
+        if _read_json(cache / MANIFEST) != self.manifest(key):
             tmp = cache.with_name(f"{key}.{uuid.uuid4().hex[:8]}")
             self.fs.get(self.object_path(key) + "/", str(tmp), recursive=True)
             if cache.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+                trash = cache.with_name(f"{key}.{uuid.uuid4().hex[:8]}.old")
+                with contextlib.suppress(OSError):
+                    os.replace(cache, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
                 os.replace(tmp, cache)
+            except OSError:  # another process put a copy there meanwhile: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
         return cache
 
     # -- refs --------------------------------------------------------------------------------
@@ -546,6 +553,14 @@ def _checked(m: Any, key: str, path: str) -> dict[str, Any]:
             if v:
                 check_key(v, f"{path}: inputs.{role}", fix)
     return m
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

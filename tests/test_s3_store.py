@@ -138,6 +138,8 @@ def test_a_forced_rebuild_on_s3_keeps_the_old_copy_readable(s3, tmp_path):
 
     store.publish(key, staged("old"), {"stage": "s", "kind": "data"})
     old = store.manifest(key)
+    cached = store.local_path(key, tmp_path / "cache")  # a download cache of the old copy
+    assert (cached / "weights.bin").read_text() == "old"
 
     def still_old() -> None:  # the new payload is fully uploaded, the old one untouched
         assert store.manifest(key) == old and store.verify(key) == []
@@ -152,3 +154,7 @@ def test_a_forced_rebuild_on_s3_keeps_the_old_copy_readable(s3, tmp_path):
     assert store.manifest(key) == new and store.verify(key) == []
     files = {p.split(f"objects/{key}/", 1)[1] for p in store.fs.find(store.object_path(key))}
     assert files == {"manifest.json", "weights.bin", "sub/only-new2.txt"}  # no stale file
+    # the download cache follows the store: the rebuilt key is fetched again, not served stale
+    again = store.local_path(key, tmp_path / "cache")
+    assert (again / "weights.bin").read_text() == "new2"
+    assert not (again / "sub" / "only-old.txt").exists()
