@@ -121,9 +121,31 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
         board.update(sp.name, state=result.status, ended=time.time())
         if result.status == "reused":  # another run stored it meanwhile
             return _cached(result)
+        _link_mlflow_run(run.store, sp, result)
         return result
     finally:
         runner.release(sp)
+
+
+def _link_mlflow_run(store_uri: str, sp: StagePlan, result: StageResult) -> None:
+    """A link artifact on the stage's task to its MLflow run, where MLflow has a UI (a
+    tracking server: `posttrain ui`, MLFLOW_TRACKING_URI=http://...). Never fatal."""
+    try:
+        from artifacts.store import Store
+
+        ids = Store(store_uri).mlflow_ids(result.key) or {}
+        uri = str(ids.get("tracking_uri") or "")
+        if not uri.startswith(("http://", "https://")) or not ids.get("run_id"):
+            return
+        from prefect.artifacts import create_link_artifact
+
+        key = "".join(c if c.isalnum() else "-" for c in f"mlflow-{sp.name}".lower())
+        create_link_artifact(
+            link=f"{uri.rstrip('/')}/#/experiments/{ids['experiment_id']}/runs/{ids['run_id']}",
+            link_text=f"MLflow run of {sp.recipe}:{sp.name}", key=key,
+            description=f"store key {result.key}")
+    except Exception as e:  # the stage is stored and recorded; the link is a convenience
+        print(f"warning: stage {sp.name}: no MLflow link in Prefect ({e})", file=sys.stderr)
 
 
 def _cached(result: StageResult) -> State:
@@ -139,11 +161,19 @@ def _forward_log(path: Path, limit: int = 5000) -> Any:
     Prefect UI's task log), at most `limit` lines; the file stays the full record."""
     try:
         from prefect.logging import get_run_logger
+        from prefect.logging.handlers import APILogHandler
 
-        logger = get_run_logger()
+        run_logger = get_run_logger()
     except Exception:  # not inside a Prefect task run
         yield
         return
+    # The run keeps Prefect's loggers at WARNING (a quiet terminal): these lines go to the API
+    # alone, through a logger of their own with only Prefect's API handler.
+    api = logging.getLogger("posttrain.stage_log")
+    api.propagate, api.level = False, logging.INFO
+    if not any(isinstance(h, APILogHandler) for h in api.handlers):
+        api.addHandler(APILogHandler())
+    logger = type(run_logger)(api, run_logger.extra)
     done = threading.Event()
 
     def tail() -> None:

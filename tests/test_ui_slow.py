@@ -32,6 +32,12 @@ stages:
 """
 
 
+def _post(info: dict, path: str) -> list:
+    req = urllib.request.Request(f"{info['prefect_api_url']}/{path}", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
 def _get(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url, timeout=10).read())
 
@@ -63,10 +69,20 @@ def test_posttrain_ui_serves_both_uis_and_runs_record_there(tmp_path: Path) -> N
         exps = _get(f"{info['mlflow_url']}/api/2.0/mlflow/experiments/get-by-name"
                     "?experiment_name=ui_tiny")
         assert exps["experiment"]["name"] == "ui_tiny"
-        req = urllib.request.Request(f"{info['prefect_api_url']}/flow_runs/filter",
-                                     data=b"{}", headers={"Content-Type": "application/json"})
-        flow_runs = json.loads(urllib.request.urlopen(req, timeout=10).read())
-        assert [r["state_type"] for r in flow_runs] == ["COMPLETED"]
+        assert [r["state_type"] for r in _post(info, "flow_runs/filter")] == ["COMPLETED"]
+        # each stage task: the child's log lines in its Prefect logs, a link to its MLflow run
+        logs = " ".join(r["message"] for r in _post(info, "logs/filter"))
+        assert "base: eval" in logs, logs[-2000:]
+        links = {a["key"]: a["data"] for a in _post(info, "artifacts/filter")}
+        assert f"]({info['mlflow_url']}/#/experiments/" in links.get("mlflow-base", ""), links
+        # a rerun that forces base reuses data: that task ends Cached
+        p = subprocess.run([*POSTTRAIN, "run", str(recipe), "--store", str(tmp_path / "store"),
+                            "--state-dir", str(state), "--json", "--force", "base"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        states = {t["name"]: t["state_name"] for t in _post(info, "task_runs/filter")
+                  if t["state_name"] == "Cached"}
+        assert "data" in states, states
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(60)
