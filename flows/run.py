@@ -17,6 +17,7 @@ Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -195,7 +196,10 @@ def _forward_log(path: Path, limit: int = 5000) -> Any:
                 return
             done.wait(1.0)
 
-    t = threading.Thread(target=tail, daemon=True, name="posttrain-log-forward")
+    # In the task's context: the run's Prefect settings (its API URL) are context variables;
+    # a bare thread would see none and Prefect would start a server of its own to log to.
+    t = threading.Thread(target=contextvars.copy_context().run, args=(tail,), daemon=True,
+                         name="posttrain-log-forward")
     t.start()
     try:
         yield
