@@ -105,10 +105,20 @@ class Lease:
         return sorted(g for g in map(_gen, names) if g is not None)
 
     def _read(self, gen: int) -> tuple[str, dict[str, Any]] | None:
-        try:
-            with self.fs.open(self._path(gen), "rb") as f:
-                text = f.read().decode()
-        except FileNotFoundError:
+        """(text, body) of lease `gen`, or None once it is gone. One GET (`cat_file`): an
+        open file would refuse to read an object that its holder renewed (s3fs
+        `FileExpired`: the ETag changed) or deleted meanwhile; that is retried."""
+        for _ in range(20):
+            try:
+                text = self.fs.cat_file(self._path(gen)).decode()
+                break
+            except FileNotFoundError:
+                return None
+            except OSError as e:  # FileExpired (s3fs) and kin: rewritten under us
+                if "expired" not in type(e).__name__.lower() and e.errno != 16:
+                    raise
+                time.sleep(0.05)
+        else:
             return None
         try:
             body = json.loads(text)
