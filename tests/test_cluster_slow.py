@@ -101,10 +101,11 @@ def _run(recipe: Path, *args: str, env: dict[str, str]) -> tuple[dict, float, st
 
 def _norm(x):
     """A manifest or metrics dict without what differs between runs of one build: times,
-    the run id, the host."""
+    the run id, the host, the checkout's git state (a commit made between the two runs)."""
     if isinstance(x, dict):
         return {k: _norm(v) for k, v in x.items()
-                if k not in ("timings", "run_id", "host") and not _VOLATILE.search(k)}
+                if k not in ("timings", "run_id", "host", "git_commit", "git_dirty")
+                and not _VOLATILE.search(k)}
     if isinstance(x, list):
         return [_norm(v) for v in x]
     return x
