@@ -277,24 +277,15 @@ def run(
     teachers = {r: models.load_model(inputs.teachers[r].path).to(accelerator.device) for r in used}
     trainer = Trainer(config, accelerator, student, teachers, tokenizer, table)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
-    history: list[dict] = []
     resume = resume_mod.current()
-    snap, first = resume_mod.load(resume), 1
-    if snap is not None:  # a killed attempt of this key left its state: go on from it
-        trainer.load_state_dict(snap["trainer"])
-        rng.setstate(snap["prompts"])  # the data position: the prompt sampler's state
-        history, first = snap["history"], snap["step"] + 1
-        resume_mod.set_rng_state(snap["rng"])
+    history, first = resume_mod.restore(resume, trainer, rng)  # a killed attempt's state
     start = time.perf_counter()
     for step in range(first, config.max_steps + 1):
         k = config.prompts_per_route
         rows = [r for v in sorted(by_value) for r in rng.choices(by_value[v], k=k)]
         point = trainer.step(rows)
         history.append({"step": step, **point})
-        if resume_mod.due(resume, step, config.max_steps):
-            assert resume is not None
-            resume_mod.save(resume, {"step": step, "trainer": trainer.state_dict(),
-                                     "prompts": rng.getstate(), "history": history})
+        resume_mod.checkpoint(resume, step, config.max_steps, trainer, rng, history)
         progress(step, config.max_steps, point)
     seconds = time.perf_counter() - start
     student = trainer.unwrapped()
@@ -318,7 +309,7 @@ def run(
         train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
         train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
     return {"eval": scores, "train": train, "history": models.subsample(history),
-            "warnings": warnings, "resumed_from_step": snap["step"] if snap else None}
+            "warnings": warnings, "resumed_from_step": first - 1 if first > 1 else None}
 
 
 def _ref(path: str, kind: str) -> ArtifactRef:

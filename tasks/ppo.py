@@ -248,22 +248,13 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
                     config.verifier_weight, inputs.reward_model, tokenizer.eos_token_id)
     trainer = PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
-    history: list[dict] = []
     resume = resume_mod.current()
-    snap, first = resume_mod.load(resume), 1
-    if snap is not None:  # a killed attempt of this key left its state: go on from it
-        trainer.load_state_dict(snap["trainer"])
-        rng.setstate(snap["prompts"])  # the data position: the prompt sampler's state
-        history, first = snap["history"], snap["step"] + 1
-        resume_mod.set_rng_state(snap["rng"])
+    history, first = resume_mod.restore(resume, trainer, rng)  # a killed attempt's state
     start = time.perf_counter()
     for step in range(first, config.max_steps + 1):
         point = trainer.step(rng.choices(rows, k=config.prompts_per_step))
         history.append({"step": step, **point})
-        if resume_mod.due(resume, step, config.max_steps):
-            assert resume is not None
-            resume_mod.save(resume, {"step": step, "trainer": trainer.state_dict(),
-                                     "prompts": rng.getstate(), "history": history})
+        resume_mod.checkpoint(resume, step, config.max_steps, trainer, rng, history)
         progress(step, config.max_steps, point)
     seconds = time.perf_counter() - start
     policy = trainer.unwrapped().policy
@@ -285,7 +276,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
             held = heldout_rm(policy, tokenizer, present, config.eval_n, inputs.reward_model)
             train.update({f"heldout_rm/{name}": v for name, v in held.items()})
     return {"eval": scores, "train": train, "history": models.subsample(history),
-            "warnings": warnings, "resumed_from_step": snap["step"] if snap else None}
+            "warnings": warnings, "resumed_from_step": first - 1 if first > 1 else None}
 
 
 def _ref(path: str, kind: str) -> ArtifactRef:

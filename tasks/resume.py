@@ -172,3 +172,24 @@ def load(resume: Resume | None) -> dict[str, Any] | None:
     state = torch.load(resume.dir / STATE, map_location="cpu", weights_only=False)
     announce(int(state["step"]), resume)
     return state
+
+
+def restore(resume: Resume | None, trainer: Any, rng: Any) -> tuple[list[dict], int]:
+    """For our own training loops (mopd, ppo): (history so far, first step to run). With a
+    snapshot, the trainer's state, the prompt sampler `rng` (the data position) and the global
+    RNGs are put back; call it right before the loop. Without one: ([], 1)."""
+    snap = load(resume)
+    if snap is None:
+        return [], 1
+    trainer.load_state_dict(snap["trainer"])
+    rng.setstate(snap["prompts"])
+    set_rng_state(snap["rng"])
+    return snap["history"], int(snap["step"]) + 1
+
+
+def checkpoint(resume: Resume | None, step: int, total: int, trainer: Any, rng: Any,
+               history: list[dict]) -> None:
+    """After `step` of our own loop: the snapshot `restore` reads, every `resume.every` steps."""
+    if resume is not None and due(resume, step, total):
+        save(resume, {"step": step, "trainer": trainer.state_dict(), "prompts": rng.getstate(),
+                      "history": history})
