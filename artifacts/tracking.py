@@ -102,6 +102,32 @@ def _save_pyfunc(d: str, store_uri: str, key: str) -> None:
     Path(d, "model").rmdir()
 
 
+def portable_store(store_uri: str, state_dir: str | Path) -> str:
+    """How MLflow records a store: a local store inside the state dir as a path relative to it
+    (`store`), so a copied or shared state dir does not point back at the machine that made
+    it; anything else (s3://..., a store elsewhere) as given. Read back by `store_at`."""
+    if "://" in store_uri:
+        return store_uri
+    try:
+        return Path(store_uri).absolute().relative_to(Path(state_dir).absolute()).as_posix()
+    except ValueError:
+        return store_uri
+
+
+def store_at(recorded: str, tracking_uri: str | None = None) -> str:
+    """The store a `portable_store` value names, seen from here: a relative one lies in the
+    state dir, which is the directory of a `sqlite:///` MLflow database, else
+    $POSTTRAIN_STATE_DIR, else ./.posttrain."""
+    if "://" in recorded or Path(recorded).is_absolute():
+        return recorded
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if uri.startswith("sqlite:///"):
+        state = Path(uri[len("sqlite:///"):]).parent
+    else:
+        state = Path(os.environ.get("POSTTRAIN_STATE_DIR") or ".posttrain")
+    return str(state / recorded)
+
+
 def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any] = ()) -> None:
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params, 1000 metrics
         c.log_batch(rid, params=params[i:i + 100])
@@ -248,6 +274,7 @@ class Tracker:
 
         from artifacts.lineage import input_edges  # edge labels exactly as lineage shows them
 
+        store_uri = portable_store(store_uri, self.state_dir)
         # The consuming run's experiment: a reused artifact of recipe A shows up under B's run.
         recipe = self._run[0] if self._run else m["recipe"]
         eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, recipe)

@@ -8,7 +8,8 @@ string) and its `model_config` {store, key}; `load_context` opens the weights in
 store (downloaded once for a remote store), so MLflow keeps no second copy of them (with
 `--upload-weights` a copy also sits beside the MLmodel, for `mlflow.transformers`-style
 reuse; this loader still reads the store). Loading needs `posttrain` importable (pip
-requirement `posttrain`) and the store reachable.
+requirement `posttrain`) and the store reachable: a store inside the state dir is recorded
+relative to it and found beside the `sqlite:///` MLflow database (or in $POSTTRAIN_STATE_DIR).
 `params={"max_new_tokens": N}` caps the completion length (default 32).
 
 Run: ``python -c "import mlflow; print(mlflow.pyfunc.load_model('models:/mimo_tiny.mopd@current')
@@ -33,10 +34,11 @@ class StoreModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         from artifacts.store import Store
+        from artifacts.tracking import store_at
         from tasks import models
 
         cfg = context.model_config or {}
-        path = Store(cfg["store"]).local_path(cfg["key"])
+        path = Store(store_at(cfg["store"], mlflow.get_tracking_uri())).local_path(cfg["key"])
         self.model = models.load_model(path)
         self.tokenizer = models.load_tokenizer(path)
 

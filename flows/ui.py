@@ -2,7 +2,9 @@
 
 Starts `prefect server start` (PREFECT_HOME = <state-dir>/prefect: the database local runs
 have been writing, UI on) and `mlflow server` (backend <state-dir>/mlflow.db, artifacts
-<state-dir>/mlartifacts: where runs record), prints both URLs, writes <state-dir>/ui.json
+served from <state-dir>/mlartifacts, so experiments it creates record `mlflow-artifacts:/...`,
+not this machine's absolute paths; MLflow itself makes a local sqlite client's artifact
+locations absolute), prints both URLs, writes <state-dir>/ui.json
 ({prefect_api_url, prefect_ui_url, mlflow_url, pid}) and waits; Ctrl-C stops both and removes
 the file. While it is up, `posttrain run` with the same --state-dir (and no PREFECT_API_URL /
 MLFLOW_TRACKING_URI / --tracking-uri of its own) records there (`servers_for`), so a run shows
@@ -100,7 +102,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                     "--port", str(p_port)],
         "mlflow": [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                    str(m_port), "--workers", "1", "--backend-store-uri",
-                   f"sqlite:///{state / 'mlflow.db'}", "--default-artifact-root",
+                   f"sqlite:///{state / 'mlflow.db'}", "--artifacts-destination",
                    str(state / "mlartifacts")],
     }
     procs: dict[str, subprocess.Popen[Any]] = {}

@@ -219,3 +219,22 @@ def test_cli(demo: tuple[Store, dict[str, str]], tmp_path: Path,
     assert err.count("\n") == 1 and "mimo_tiny:nope" in err and "Traceback" not in err
     assert cli(["teachers", "zz", "--store", str(tmp_path / "empty")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_ls_in_dag_order_and_show_names_roles_like_lineage(
+        demo: tuple[Store, dict[str, str]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    store, _ = demo
+    s = ["--store", store.uri, "--state-dir", str(tmp_path / "state")]
+    assert cli(["ls", "--json", *s]) == 0
+    refs = [r["ref"] for r in json.loads(capsys.readouterr().out)]
+    assert refs[0].startswith("mimo_tiny:") and refs[-1].startswith("team_b:")
+    mine = [r.split(":")[1] for r in refs if r.startswith("mimo_tiny:")]
+    # parents first, whatever the names sort to (alphabetically `final_rl` precedes `sft`)
+    for parent, child in [("base", "sft"), ("data", "sft"), ("sft", "rl_arith"),
+                          ("rl_arith", "final_rl_r1"), ("final_rl_r1", "final_rl")]:
+        assert mine.index(parent) < mine.index(child), (parent, child, mine)
+    assert [r for r in refs if r.startswith("team_b:")] == ["team_b:sft", "team_b:student"]
+    assert cli(["show", "mimo_tiny:final_rl", *s]) == 0
+    out = capsys.readouterr().out
+    assert "teacher:arith" in out and "teachers:" not in out

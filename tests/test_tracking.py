@@ -219,3 +219,20 @@ def test_unreachable_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     student = runs_by_stage(c, "team_b")  # never in the pending file: back-filled from store
     assert student["student"].data.tags["posttrain.input.teacher.arith"] == k["rl_arith"]
     assert Lookup(Tracker(uri, state)).sync(store) == 0
+
+
+def test_a_store_inside_the_state_dir_is_recorded_relative_to_it(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from artifacts.tracking import portable_store, store_at
+
+    state = tmp_path / "state"
+    assert portable_store(str(state / "store"), state) == "store"
+    assert portable_store(str(tmp_path / "elsewhere"), state) == str(tmp_path / "elsewhere")
+    assert portable_store("s3://bucket/store", state) == "s3://bucket/store"
+    # read back from wherever the state dir was copied to: beside its MLflow database
+    moved = tmp_path / "copy"
+    assert store_at("store", f"sqlite:///{moved}/mlflow.db") == str(moved / "store")
+    monkeypatch.setenv("POSTTRAIN_STATE_DIR", str(moved))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert store_at("store", "http://127.0.0.1:5000") == str(moved / "store")
+    assert store_at("/abs/store") == "/abs/store"
