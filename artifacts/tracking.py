@@ -254,20 +254,46 @@ class Tracker:
         _batches(c, rid, params=[Param(k, v) for k, v in flatten(params).items()])
         return rid
 
+    def open_stage(self, stage: dict[str, Any], parent_run_id: str | None,
+                   started: float) -> str | None:
+        """The run of a stage that starts now (artifacts/tracking_live.py streams its curves;
+        `log_stage(..., live_run=)` completes it). `stage` is {key, recipe, stage, kind,
+        run_id}. None when MLflow is down (nothing queued: the published stage is)."""
+        try:
+            with self.client() as c:
+                recipe = self._run[0] if self._run else stage["recipe"]
+                eid = (c.get_run(parent_run_id).info.experiment_id if parent_run_id
+                       else self._experiment(c, recipe))
+                tags = {"posttrain.planned_key": stage["key"], "posttrain.stage": stage["stage"],
+                        "posttrain.status": "running", "posttrain.kind": stage["kind"],
+                        "posttrain.recipe": stage["recipe"],
+                        "posttrain.run_id": stage.get("run_id") or "", **_source_tags()}
+                if parent_run_id:
+                    tags["mlflow.parentRunId"] = parent_run_id
+                return c.create_run(eid, run_name=str(stage["stage"]),
+                                    start_time=int(started * 1000),
+                                    tags={k: str(v) for k, v in tags.items()}).info.run_id
+        except Exception as e:
+            self.mark_down(e)
+            return None
+
     def log_stage(self, manifest: dict[str, Any], status: str, parent_run_id: str | None,
-                  store_uri: str, payload_dir: str | Path | None = None) -> dict[str, Any] | None:
+                  store_uri: str, payload_dir: str | Path | None = None,
+                  live_run: str | None = None) -> dict[str, Any] | None:
         """A nested run for one stage: "trained" records config, curves, eval, a LoggedModel and
-        a registered version; "reused" only links the existing LoggedModel. Returns
+        a registered version; "reused" only links the existing LoggedModel. `live_run`: the
+        run `open_stage` opened when it started, completed instead of a new one. Returns
         {tracking_uri, experiment_id, run_id, model_id} (None when MLflow is down)."""
         run_id = self._run[1] if self._run else manifest.get("run_id")
         op = {"op": "log_stage", "key": manifest["key"], "status": status, "run_id": run_id,
               "parent_run_id": parent_run_id, "store_uri": store_uri}
         return self._safe(op, lambda c: self.write_stage(c, manifest, status, parent_run_id,
-                                                         store_uri, run_id, payload_dir))
+                                                         store_uri, run_id, payload_dir,
+                                                         live_run))
 
     def write_stage(self, c: Any, m: dict[str, Any], status: str, parent: str | None,
-                    store_uri: str, run_id: str | None, payload_dir: Any = None
-                    ) -> dict[str, Any]:
+                    store_uri: str, run_id: str | None, payload_dir: Any = None,
+                    live_run: str | None = None) -> dict[str, Any]:
         """log_stage's work on an open client, raising on error (also what the back-fill
         replays, so a back-filled stage looks exactly like one recorded live)."""
         from mlflow import entities as ml
@@ -297,9 +323,18 @@ class Tracker:
         t = (m.get("timings") or {}) if status == "trained" else {}
         start = int(t["started_unix"] * 1000) if _num(t.get("started_unix")) else None
         end = int(t["ended_unix"] * 1000) if _num(t.get("ended_unix")) else None
-        rid = c.create_run(eid, run_name=f"{m.get('stage')}{' (reused)' if link_only else ''}",
-                           start_time=start,
-                           tags={k: str(v) for k, v in tags.items()}).info.run_id
+        streamed: set[tuple[str, int]] = set()  # (metric, step) rows the live run sent
+        if live_run and not link_only:
+            rid = live_run
+            eid = c.get_run(rid).info.experiment_id
+            c.log_batch(rid, tags=[ml.RunTag(k, str(v)) for k, v in tags.items()])
+            c.delete_tag(rid, "posttrain.planned_key")
+            for name in c.get_run(rid).data.metrics:
+                streamed |= {(name, x.step) for x in c.get_metric_history(rid, name)}
+        else:
+            rid = c.create_run(eid, run_name=f"{m.get('stage')}"
+                               f"{' (reused)' if link_only else ''}", start_time=start,
+                               tags={k: str(v) for k, v in tags.items()}).info.run_id
         model_id = existing
         if link_only:
             c.log_inputs(rid, models=[ml.LoggedModelInput(existing)])
@@ -310,7 +345,8 @@ class Tracker:
                     for k, v in (metrics.get("train") or {}).items() if _num(v)]
             for i, h in enumerate(metrics.get("history") or []):
                 rows += [ml.Metric(k, float(v), ts, int(h.get("step", i))) for k, v in h.items()
-                         if k != "step" and _num(v)]
+                         if k != "step" and _num(v)
+                         and (k, int(h.get("step", i))) not in streamed]
             _batches(c, rid, [ml.Param(k, v) for k, v in flatten(m.get("config") or {}).items()],
                      rows)
             models = [ml.LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
@@ -366,8 +402,8 @@ class Tracker:
 
         self._safe(op, write)
 
-    def log_failure(self, stage: dict[str, Any], reason: str,
-                    parent_run_id: str | None) -> str | None:
+    def log_failure(self, stage: dict[str, Any], reason: str, parent_run_id: str | None,
+                    live_run: str | None = None) -> str | None:
         """A nested run for a stage whose build or publish failed: status FAILED, the reason
         in tag `posttrain.error`, its config as params, and no LoggedModel or registered
         version (its key is not stored: tag `posttrain.planned_key`, not `posttrain.key`).
@@ -376,10 +412,10 @@ class Tracker:
         op = {"op": "log_failure", "stage": stage, "reason": reason, "run_id": run_id,
               "parent_run_id": parent_run_id}
         return self._safe(op, lambda c: self.write_failure(c, stage, reason, parent_run_id,
-                                                           run_id))
+                                                           run_id, live_run))
 
     def write_failure(self, c: Any, stage: dict[str, Any], reason: str, parent: str | None,
-                      run_id: str | None) -> str:
+                      run_id: str | None, live_run: str | None = None) -> str:
         """log_failure's work on an open client, raising on error (replayed by the back-fill)."""
         from mlflow.entities import Param
 
@@ -391,8 +427,14 @@ class Tracker:
                 "posttrain.error": reason[:5000]}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        rid = c.create_run(eid, run_name=f"{stage['stage']} (failed)",
-                           tags={k: str(v) for k, v in tags.items()}).info.run_id
+        if live_run:  # the run opened when the stage started: ended here, FAILED
+            rid = live_run
+            c.set_tag(rid, "mlflow.runName", f"{stage['stage']} (failed)")
+            for k, v in tags.items():
+                c.set_tag(rid, k, str(v))
+        else:
+            rid = c.create_run(eid, run_name=f"{stage['stage']} (failed)",
+                               tags={k: str(v) for k, v in tags.items()}).info.run_id
         _batches(c, rid, params=[Param(k, v) for k, v in
                                  flatten(stage.get("config") or {}).items()])
         c.set_terminated(rid, "FAILED")

@@ -236,3 +236,50 @@ def test_a_store_inside_the_state_dir_is_recorded_relative_to_it(tmp_path: Path,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert store_at("store", "http://127.0.0.1:5000") == str(moved / "store")
     assert store_at("/abs/store") == "/abs/store"
+
+
+def test_live_stage_run_streams_curves_then_is_completed_in_place(tmp_path: Path) -> None:
+    from artifacts.tracking_live import LiveStage
+
+    store, k = make_store(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = Tracker(uri, tmp_path / "state")
+    pid = tr.start_run("mimo_tiny", "run-mimo_tiny", {})
+    m = store.manifest(k["mopd"])
+    started = time.time() - 30.0
+    live = LiveStage(tr, {"key": k["mopd"], "recipe": "mimo_tiny", "stage": "mopd",
+                          "kind": "mopd", "run_id": "run-mimo_tiny"}, pid, started,
+                     flush_s=0.1).start()
+    live.progress(1, {"loss": 1.0, "note": "x"})
+    c = client(uri)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # visible while the stage still trains
+        rid = live.run_id
+        if rid and [x.value for x in c.get_metric_history(rid, "loss")] == [1.0]:
+            break
+        time.sleep(0.1)
+    run = c.get_run(rid)
+    assert run.info.status == "RUNNING" and run.data.tags["posttrain.status"] == "running"
+    assert run.data.tags["mlflow.parentRunId"] == pid
+    assert run.info.start_time == int(started * 1000)  # the stage's start, not the mirror's
+    assert live.close() == rid
+    ids = tr.log_stage(m, "trained", pid, store.uri, live_run=rid)
+    assert ids["run_id"] == rid  # completed in place: one run per stage
+    run = c.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["posttrain.status"] == "trained"
+    assert "posttrain.planned_key" not in run.data.tags
+    # the manifest's history fills the steps the live rows left out, without duplicates
+    want = [(1, 1.0)] + [(h["step"], h["loss"]) for h in m["metrics"]["history"][1:]]
+    assert [(x.step, x.value) for x in c.get_metric_history(rid, "loss")] == want
+    # a stage that fails ends its live run FAILED, with the reason
+    live = LiveStage(tr, {"key": k["sft"], "recipe": "mimo_tiny", "stage": "sft",
+                          "kind": "sft", "run_id": "run-mimo_tiny"}, pid, time.time(),
+                     flush_s=0.1).start()
+    live.progress(3, {"loss": 2.0})
+    rid = live.close()
+    tr.log_failure({"key": k["sft"], "recipe": "mimo_tiny", "stage": "sft", "kind": "sft",
+                    "config": {}, "run_id": "run-mimo_tiny"}, "boom", pid, rid)
+    run = c.get_run(rid)
+    assert run.info.status == "FAILED" and run.data.tags["posttrain.error"] == "boom"
+    assert run.info.run_name == "sft (failed)"
+    assert [x.value for x in c.get_metric_history(rid, "loss")] == [2.0]

@@ -1,0 +1,88 @@
+"""A stage's MLflow run, open while the stage trains: its curves stream into the UI live.
+
+`LiveStage` opens the stage run when the stage starts (start time = the stage's start, so the
+UI's Duration is the stage's own time) and sends the progress rows the kind reports to it in
+batches every few seconds, from a thread of its own, so training never waits on MLflow. When
+the stage is published, `Tracker.log_stage(..., live_run=ID)` completes that same run (config,
+the full history where the live rows left steps out, eval, LoggedModel, registered version)
+and ends it; a failed build ends it FAILED with the reason (`Tracker.log_failure`).
+
+MLflow being down is never fatal here: the first error stops the streaming with one warning,
+and the stage is recorded once it is published, as without a live run (the pending queue and
+`posttrain sync` cover the rest).
+
+Run: ``.venv/bin/python -m pytest tests/test_tracking.py -q -k live``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+FLUSH_S = 3.0  # how often the buffered rows go to MLflow: live enough, and few requests
+
+
+class LiveStage:
+    """The MLflow run of one stage while it trains (see the module docstring)."""
+
+    def __init__(self, tracker: Any, stage: dict[str, Any], parent_run: str | None,
+                 started: float, flush_s: float = FLUSH_S) -> None:
+        self.tracker, self.stage, self.parent = tracker, stage, parent_run
+        self.started, self.flush_s = started, flush_s
+        self.run_id: str | None = None
+        self._rows: list[tuple[int, dict[str, float]]] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._dead = False
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                         name="posttrain-mlflow-live")
+
+    def start(self) -> LiveStage:
+        self._thread.start()
+        return self
+
+    def progress(self, step: int, metrics: dict[str, Any]) -> None:
+        """Buffer one progress row (numbers only); never blocks on MLflow."""
+        row = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+        if row and not self._dead:
+            with self._lock:
+                self._rows.append((int(step), row))
+
+    def close(self) -> str | None:
+        """Stop streaming, send what is buffered; the run id (None: MLflow was unreachable).
+        The run stays open for `log_stage` / `log_failure` to complete and end."""
+        self._done.set()
+        self._thread.join(timeout=60)
+        return self.run_id if not self._dead else None
+
+    def _loop(self) -> None:
+        try:
+            self.run_id = self.tracker.open_stage(self.stage, self.parent, self.started)
+            if self.run_id is None:
+                self._dead = True
+                return
+            while True:
+                finished = self._done.wait(self.flush_s)
+                self._flush()
+                if finished:
+                    return
+        except Exception as e:  # MLflow went away: the published stage is recorded later
+            self._dead = True
+            print(f"warning: stage {self.stage.get('stage')}: live MLflow curves stopped ({e})",
+                  file=sys.stderr)
+
+    def _flush(self) -> None:
+        from mlflow import entities as ml
+
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if not rows or self.run_id is None:
+            return
+        ts = int(time.time() * 1000)
+        metrics = [ml.Metric(k, v, ts, step) for step, row in rows for k, v in row.items()]
+        with self.tracker.client() as c:
+            for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+                c.log_batch(self.run_id, metrics=metrics[i:i + 1000])
