@@ -128,6 +128,22 @@ def store_at(recorded: str, tracking_uri: str | None = None) -> str:
     return str(state / recorded)
 
 
+def _prefixed_history(c: Any, parent: str, m: dict[str, Any], ts: int) -> list[Any]:
+    """A stage's history as `<stage>/<metric>` rows for the parent run, less those the live
+    stream already sent there."""
+    from mlflow.entities import Metric
+
+    stage = m.get("stage")
+    have = {k for k in c.get_run(parent).data.metrics if k.startswith(f"{stage}/")}
+    sent = {(k, x.step) for k in have for x in c.get_metric_history(parent, k)}
+    out = []
+    for i, h in enumerate((m.get("metrics") or {}).get("history") or []):
+        step = int(h.get("step", i))
+        out += [Metric(f"{stage}/{k}", float(v), ts, step) for k, v in h.items()
+                if k != "step" and _num(v) and (f"{stage}/{k}", step) not in sent]
+    return out
+
+
 def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any] = ()) -> None:
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params, 1000 metrics
         c.log_batch(rid, params=params[i:i + 100])
@@ -349,6 +365,8 @@ class Tracker:
                          and (k, int(h.get("step", i))) not in streamed]
             _batches(c, rid, [ml.Param(k, v) for k, v in flatten(m.get("config") or {}).items()],
                      rows)
+            if parent:  # the curves on the recipe run too (tracking_live.py: chart view)
+                _batches(c, parent, metrics=_prefixed_history(c, parent, m, ts))
             models = [ml.LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
             data = [ml.DatasetInput(ml.Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage")
                                          else role, p[:32], "posttrain",

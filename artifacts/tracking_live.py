@@ -5,7 +5,9 @@ UI's Duration is the stage's own time) and sends the progress rows the kind repo
 batches every few seconds, from a thread of its own, so training never waits on MLflow. When
 the stage is published, `Tracker.log_stage(..., live_run=ID)` completes that same run (config,
 the full history where the live rows left steps out, eval, LoggedModel, registered version)
-and ends it; a failed build ends it FAILED with the reason (`Tracker.log_failure`).
+and ends it; a failed build ends it FAILED with the reason (`Tracker.log_failure`). The same
+rows go to the parent run as `<stage>/<metric>` (MLflow's chart view plots top-level runs, so
+the recipe run's charts show every stage's curves, one section per stage).
 
 MLflow being down is never fatal here: the first error stops the streaming with one warning,
 and the stage is recorded once it is published, as without a live run (the pending queue and
@@ -82,7 +84,12 @@ class LiveStage:
         if not rows or self.run_id is None:
             return
         ts = int(time.time() * 1000)
+        name = self.stage.get("stage")
         metrics = [ml.Metric(k, v, ts, step) for step, row in rows for k, v in row.items()]
         with self.tracker.client() as c:
-            for i in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-                c.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            # The parent run gets them too, as `<stage>/<metric>`: the experiment's chart
+            # view shows top-level runs, so that is where a run's curves are seen at a glance.
+            for rid, ms in ((self.run_id, metrics), (self.parent, [
+                    ml.Metric(f"{name}/{m.key}", m.value, ts, m.step) for m in metrics])):
+                for i in range(0, len(ms), 1000) if rid else ():  # a batch holds <= 1000
+                    c.log_batch(rid, metrics=ms[i:i + 1000])

@@ -271,6 +271,8 @@ def test_live_stage_run_streams_curves_then_is_completed_in_place(tmp_path: Path
     # the manifest's history fills the steps the live rows left out, without duplicates
     want = [(1, 1.0)] + [(h["step"], h["loss"]) for h in m["metrics"]["history"][1:]]
     assert [(x.step, x.value) for x in c.get_metric_history(rid, "loss")] == want
+    # and on the recipe's run, as `<stage>/<metric>` (the chart view plots top-level runs)
+    assert [(x.step, x.value) for x in c.get_metric_history(pid, "mopd/loss")] == want
     # a stage that fails ends its live run FAILED, with the reason
     live = LiveStage(tr, {"key": k["sft"], "recipe": "mimo_tiny", "stage": "sft",
                           "kind": "sft", "run_id": "run-mimo_tiny"}, pid, time.time(),
