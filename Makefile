@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	command -v dot >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq graphviz >/dev/null) || echo "warning: Graphviz (apt graphviz) \
 	  not installed: lineage pictures fall back to a column layout"
+	command -v chromium >/dev/null && test -x /usr/bin/chromedriver || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	  >/dev/null) || echo "warning: Chromium (apt chromium chromium-driver) not installed: \
+	  tests/test_browser_slow.py will fail"
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PIP) install -q -c constraints.txt -e '.[dev,ray]' 2>&1 | grep -v "is ignored: it is neither" || true
