@@ -192,7 +192,9 @@ class Tracker:
 
                 db.parent.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(FileLock(f"{db}.lock", timeout=120, thread_local=False))
-            for name in ("mlflow.store.db.utils", "alembic"):  # quiet first-use migrations
+            # quiet first-use migrations and the registry's "Waiting up to 300 seconds"
+            for name in ("mlflow.store.db.utils", "alembic",
+                         "mlflow.store.model_registry.abstract_store"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             from mlflow import MlflowClient
 
