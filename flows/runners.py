@@ -129,7 +129,9 @@ class ThreadsRunner:
     def task_runner(self, n_stages: int) -> Any:
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=max(n_stages, 1))
+        # A thread per stage, plus one per task tag (recipe, kind, key): Prefect warns of
+        # tag-concurrency deadlocks when a task has as many tags as the pool has threads.
+        return ThreadPoolTaskRunner(max_workers=max(n_stages, 1) + 3)
 
     def submit_options(self, sp: StagePlan) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
