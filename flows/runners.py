@@ -47,22 +47,34 @@ def subprocess_launch(cmd: list[str], env: dict[str, str], log_path: Path,
 
 
 class Slots:
-    """Counting semaphore over CPU threads and concurrent stages."""
+    """Counting semaphore over CPU threads and concurrent stages. A stage asking for more
+    CPUs than the machine has takes them all (it runs alone rather than never)."""
 
     def __init__(self, cpus: int, stages: int) -> None:
+        self.total = cpus
         self.cpus, self.stages = cpus, stages
         self.cond = threading.Condition()
 
     def take(self, n: int) -> None:
-        n = min(n, self.cpus)
+        n = min(n, self.total)
         with self.cond:
             self.cond.wait_for(lambda: self.cpus >= n and self.stages >= 1)
             self.cpus -= n
             self.stages -= 1
 
-    def give(self, n: int, total: int) -> None:
+    def try_take(self, n: int) -> bool:
+        """`take` without waiting: True when taken."""
+        n = min(n, self.total)
         with self.cond:
-            self.cpus += min(n, total)
+            if self.cpus < n or self.stages < 1:
+                return False
+            self.cpus -= n
+            self.stages -= 1
+            return True
+
+    def give(self, n: int, total: int | None = None) -> None:
+        with self.cond:
+            self.cpus += min(n, self.total)
             self.stages += 1
             self.cond.notify_all()
 
@@ -92,6 +104,11 @@ class Runner(Protocol):
 
     def release(self, sp: StagePlan) -> None:
         """Give back what `reserve` took."""
+
+    def try_reserve(self, sp: StagePlan) -> bool:
+        """`reserve` without waiting: True when the stage's resources are now held. The flow
+        calls it before submitting a stage's task, so the task's Prefect run starts with its
+        training, not with a wait for cores."""
 
     def track(self, future: Any) -> None:
         """A submitted stage task's future: what `stop` cancels where it cannot reach the
@@ -138,6 +155,9 @@ class ThreadsRunner:
 
     def reserve(self, sp: StagePlan) -> None:
         self.slots.take(cores(sp)[0])
+
+    def try_reserve(self, sp: StagePlan) -> bool:
+        return self.slots.try_take(cores(sp)[0])
 
     def release(self, sp: StagePlan) -> None:
         self.slots.give(cores(sp)[0], self.cpus)
@@ -203,6 +223,9 @@ class RayRunner:
 
     def reserve(self, sp: StagePlan) -> None:
         pass  # Ray holds the stage's resources from submission (submit_options)
+
+    def try_reserve(self, sp: StagePlan) -> bool:
+        return True  # Ray starts the task (and its Prefect run) once its resources are free
 
     def release(self, sp: StagePlan) -> None:
         pass
