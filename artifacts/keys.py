@@ -43,9 +43,11 @@ def canonical_json(obj: Any) -> str:
 
 
 def content_key(kind: str, config: dict[str, Any], inputs: dict[str, Any],
-                data: dict[str, str], code: str, launch: dict[str, Any] | None = None) -> str:
+                data: dict[str, str], code: str, launch: dict[str, Any] | None = None,
+                scale: float = 1.0) -> str:
     """The content key of one stage (64 hex). `launch` (data-parallel processes, accelerate
-    config digest) counts where given: N ranks train on N times the batch.
+    config digest) counts where given: N ranks train on N times the batch. `scale` (`posttrain
+    run --scale`) counts unless 1, so a scaled artifact never stands for a full one.
 
     >>> k = content_key("sft", {"max_steps": 2}, {"init": "a" * 64}, {}, "c0de")
     >>> len(k), k == content_key("sft", {"max_steps": 2}, {"init": "a" * 64}, {}, "c0de")
@@ -57,6 +59,20 @@ def content_key(kind: str, config: dict[str, Any], inputs: dict[str, Any],
                "code": code}
     if launch:  # absent for single-process stages, so their keys predate `launch`
         payload["launch"] = launch
+    if scale != 1:  # absent at full scale, so those keys predate `--scale`
+        payload["scale"] = scale
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def snapshot_key(stage_key: str, step: int) -> str:
+    """The key of a training stage's snapshot at `step`: H(stage key, step). The stage key
+    says everything that made the run; the step says how far into it.
+
+    >>> k = snapshot_key("a" * 64, 250)
+    >>> len(k), k == snapshot_key("a" * 64, 250), k == snapshot_key("a" * 64, 500)
+    (64, True, False)
+    """
+    payload = {"v": KEY_VERSION, "snapshot_of": stage_key, "step": int(step)}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 

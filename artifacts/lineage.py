@@ -1,7 +1,11 @@
 """Lineage: the provenance graph of a store, built only from its manifests.
 
 Every manifest lists its inputs by role (artifacts/manifest.py); each becomes an edge parent ->
-child labelled ``init``, ``reference``, ``reward_model``, ``teacher:<route>`` or ``data:<name>``.
+child labelled ``init``, ``reference``, ``reward_model``, ``teacher:<route>``,
+``generator:<route>``, ``candidate:<name>`` (a `select` stage's) or ``data:<name>``.
+A snapshot `STAGE@STEP` (its manifest's ``snapshot: {of, step}``) has its stage's inputs, and
+one more edge, ``snapshot``, to the stage's final artifact once that is published: the final
+weights continued training from it.
 Nothing is deduced from directory names or from MLflow, so the graph spans recipes (a stage of
 recipe B may consume a key built by recipe A) and stays right when names are reused.
 
@@ -26,7 +30,8 @@ from artifacts.store import RefError, Store
 
 SINGLE_ROLES = ("init", "reference", "reward_model")
 # Keyed roles: the manifest holds {name: key}; the edge label is "<prefix>:<name>".
-KEYED_ROLES = {"teachers": "teacher", "generators": "generator", "data": "data"}
+KEYED_ROLES = {"teachers": "teacher", "generators": "generator", "data": "data",
+               "candidates": "candidate"}
 
 
 @dataclass
@@ -43,8 +48,8 @@ def role_order(role: str) -> tuple[int, str]:
     """init, reference, reward_model, teacher:*, data:*: the order people read a stage's inputs."""
     head = role.split(":", 1)[0]
     rank = {"init": 0, "reference": 1, "reward_model": 2, "teacher": 3, "generator": 4,
-            "data": 5}
-    return rank.get(head, 5), role
+            "candidate": 5, "data": 6}
+    return rank.get(head, 6), role
 
 
 def _node(m: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def _node(m: dict[str, Any]) -> dict[str, Any]:
     return {"key": m["key"], "recipe": m.get("recipe"), "stage": m.get("stage"),
             "kind": m.get("kind"), "produces": m.get("produces"),
             "eval": dict(metrics.get("eval") or {}), "sft_root": m.get("sft_root"),
+            "selected": metrics.get("selected"),  # the candidate a `select` stage chose
             "run_id": m.get("run_id"), "ended": (m.get("timings") or {}).get("ended"),
             "missing": False}
 
@@ -74,8 +80,13 @@ def input_edges(m: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def build(store: Store) -> Graph:
     """The whole graph of `store`. A parent key without a manifest (another store, a deleted
     artifact) still appears, labelled from the child's input_refs and marked missing."""
+    return from_manifests(list(store.iter_manifests()))
+
+
+def from_manifests(manifests: list[dict[str, Any]]) -> Graph:
+    """The graph of these manifests (or manifest-shaped dicts: key, recipe, stage, kind,
+    inputs, metrics), as `build` makes it from a store's."""
     g = Graph()
-    manifests = list(store.iter_manifests())
     for m in manifests:
         g.nodes[m["key"]] = _node(m)
     for m in manifests:
@@ -89,6 +100,12 @@ def build(store: Store) -> Graph:
             g.edges.append(e)
             g.parents.setdefault(m["key"], []).append(e)
             g.children.setdefault(parent, []).append(e)
+        final = (m.get("snapshot") or {}).get("of")
+        if final in g.nodes:  # snapshot -> its stage's final artifact (when published)
+            e = {"parent": m["key"], "child": final, "role": "snapshot"}
+            g.edges.append(e)
+            g.parents.setdefault(final, []).append(e)
+            g.children.setdefault(m["key"], []).append(e)
     for adj in (g.parents, g.children):  # BFS then meets init before reference, data last
         for lst in adj.values():
             lst.sort(key=lambda e: role_order(e["role"]))
@@ -221,8 +238,9 @@ def impact(store: Store, key: str, tracker: Any = None) -> dict[str, Any]:
 
 def headline(node: dict[str, Any]) -> str:
     ev = node.get("eval") or {}
-    return " ".join(f"{d}={v:.3f}" if isinstance(v, int | float) else f"{d}={v}"
-                    for d, v in ev.items())
+    chose = [f"selected={node['selected']}"] if node.get("selected") else []
+    return " ".join(chose + [f"{d}={v:.3f}" if isinstance(v, int | float) else f"{d}={v}"
+                             for d, v in ev.items()])
 
 
 def _line(node: dict[str, Any]) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("init", "teachers", "generators", "reference", "reward_model", "data")
+ROLES = ("init", "teachers", "generators", "reference", "reward_model", "data",
+         "candidates")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Inputs:
     reward_model: Mapping[str, ArtifactRef] = field(default_factory=dict)  # name -> RM
     generators: Mapping[str, ArtifactRef] = field(default_factory=dict)  # route -> sampler
     data: Mapping[str, ArtifactRef] = field(default_factory=dict)
+    candidates: Mapping[str, ArtifactRef] = field(default_factory=dict)  # name -> model (select)
 
 
 # progress(step, total, metrics): called by training loops; the stage runner turns it into the

@@ -95,6 +95,17 @@ def check_name(value: Any, what: str, ref: str) -> str:
     return value
 
 
+def _snapshot_base(stage: str) -> str:
+    """`rl_arith` of a snapshot's ref name `rl_arith@250` (refs/<recipe>/<stage>@<step>
+    names a stage's snapshot); anything else as it is, for check_name to judge.
+
+    >>> _snapshot_base("rl_arith@250"), _snapshot_base("sft"), _snapshot_base("x@y")
+    ('rl_arith', 'sft', 'x@y')
+    """
+    base, sep, step = stage.rpartition("@")
+    return base if sep and step.isdigit() and base else stage
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -285,7 +296,7 @@ class Store:
     def set_ref(self, recipe: str, stage: str, key: str) -> None:
         ref = f"{recipe}:{stage}"
         check_name(recipe, "recipe", ref)
-        check_name(stage, "stage", ref)
+        check_name(_snapshot_base(stage), "stage", ref)
         check_key(key, f"ref {ref}", "point a ref at a content key only")
         path = self._p("refs", recipe, stage)
         if self.local:
@@ -298,7 +309,7 @@ class Store:
         holds anything but a key (it would become a path under objects/)."""
         ref = f"{recipe}:{stage}"
         check_name(recipe, "recipe", ref)
-        check_name(stage, "stage", ref)
+        check_name(_snapshot_base(stage), "stage", ref)
         path = self._p("refs", recipe, stage)
         try:
             with self.fs.open(path, "r") as f:
@@ -323,7 +334,7 @@ class Store:
                 continue
             for sfile in self.fs.ls(rdir, detail=False):
                 stage = sfile.rstrip("/").rsplit("/", 1)[-1]
-                if not NAME_RE.match(stage):  # atomic_write's .temp files, strays
+                if not NAME_RE.match(_snapshot_base(stage)):  # atomic_write's temp files
                     continue
                 key = self.get_ref(recipe, stage)
                 if key:

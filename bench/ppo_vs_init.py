@@ -21,7 +21,10 @@ calling the stage modules directly (no Prefect, no store), everything under --ou
 and prints, for init (sft/) and ppo/: greedy held-out accuracy per domain (500 problems,
 tasks.evaluate) and the RM's mean score on those greedy answers (tasks.ppo_trainer.heldout_rm), plus
 the RM's held-out pairwise accuracy and how well it ranks the SFT model's own samples (AUC of
-correct over wrong). Stages whose directory exists are reused (--fresh rebuilds them).
+correct over wrong). Stages whose directory exists are reused (--fresh rebuilds them): pointed
+at the --out of bench/rm_accuracy.py (``--out DIR --domains arith,reverse,sort,max``), it runs
+PPO from that bench's SFT policy (sft/) against its RM (rm/, trained on `generate` pairs) on its
+prompts (data/), building nothing.
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_init.py [--out /tmp/ppo_bench] [--help]``.
 """
@@ -194,7 +197,10 @@ def main() -> None:
                    "policy's init per prompt kept as rejected (each prompt also gets a near miss)")
     p.add_argument("--rm-steps", type=int, default=600)
     p.add_argument("--ppo-steps", type=int, default=100)
-    p.add_argument("--ppo", default="{}", help="JSON of extra ppo Config fields")
+    p.add_argument("--ppo", default="{}", help="JSON of extra ppo (or grpo) Config fields")
+    p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo", help="grpo: tasks.grpo "
+                   "(TRL GRPOTrainer, G=8, 16 prompts x 8 per step, lr 2e-4) against the same RM, "
+                   "--ppo-steps steps, instead of tasks.ppo")
     p.add_argument("--name", default="ppo", help="directory (under --out) of this PPO run")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
@@ -206,7 +212,7 @@ def main() -> None:
     import torch
 
     from artifacts.refs import Inputs
-    from tasks import models, ppo
+    from tasks import grpo, models, ppo
 
     torch.set_num_threads(a.threads)
     models.quiet()
@@ -214,26 +220,36 @@ def main() -> None:
     secs = build(a)
     quality = rm_quality(a)
     print("rm:", json.dumps(quality))
-    cfg = ppo.Config(**{"max_steps": a.ppo_steps, "verifier_weight": 0.0,
-                        "value_init": "reward_model", "eval_n": 0, **json.loads(a.ppo)})
+    if a.algo == "ppo":
+        cfg = ppo.Config(**{"max_steps": a.ppo_steps, "verifier_weight": 0.0, "eval_n": 0,
+                            "value_init": "reward_model", "domains": a.domains,
+                            **json.loads(a.ppo)})
+    else:
+        cfg = grpo.Config(**{"max_steps": a.ppo_steps, "num_generations": 8,
+                             "per_device_train_batch_size": 128, "learning_rate": 2e-4,
+                             "max_completion_length": 8, "verifier_weight": 0.0, "eval_n": 0,
+                             "domains": a.domains, **json.loads(a.ppo)})
     t = time.perf_counter()
     shutil.rmtree(out / a.name, ignore_errors=True)
-    metrics = ppo.run(cfg, Inputs(init=_ref(out / "sft", "sft"),
-                                  data={"train": _ref(out / "data", "data")},
-                                  reward_model={"rm": _ref(out / "rm", "reward_model")}),
-                      out / a.name, _say(10))
-    secs["ppo"] = time.perf_counter() - t
+    metrics = (ppo if a.algo == "ppo" else grpo).run(
+        cfg, Inputs(init=_ref(out / "sft", "sft"), data={"train": _ref(out / "data", "data")},
+                    reward_model={"rm": _ref(out / "rm", "reward_model")}),
+        out / a.name, _say(10))
+    secs[a.algo] = time.perf_counter() - t
     res = compare(a, ["sft", a.name])
-    print(f"\nppo config: {cfg.model_dump_json()}")
+    print(f"\n{a.algo} config: {cfg.model_dump_json()}")
     print(f"{'':<22}" + "".join(f"{d:>10}" for d in a.domains) + f"{'mean':>10}")
     for what in ("accuracy", "rm"):
         for name in ("sft", a.name):
             vals = [res[name][what][d] for d in a.domains]
-            print(f"{what + ' ' + ('init' if name == 'sft' else 'ppo'):<22}"
+            print(f"{what + ' ' + ('init' if name == 'sft' else a.algo):<22}"
                   + "".join(f"{v:>10.3f}" for v in vals) + f"{sum(vals) / len(vals):>10.3f}")
     train = metrics["train"]
-    print("sampled (first vs last tenth of PPO steps): " + " ".join(
+    print(f"sampled (first vs last tenth of {a.algo} steps): " + " ".join(
         f"{k}={train[k]:.3f}" for k in sorted(train) if k.endswith(("/first", "/last"))))
+    if a.algo == "grpo":  # first step and mean of the last 10 (tasks.grpo's train metrics)
+        print("sampled (first step vs last 10 steps): " + " ".join(
+            f"{k}={v:.3f}" for k, v in sorted(train.items()) if k.startswith(("first", "final"))))
     print("seconds:", {k: round(v) for k, v in secs.items()})
     (out / f"results_{a.name}.json").write_text(json.dumps(
         {"compare": res, "rm_quality": quality, "train": train, "seconds": secs,

@@ -77,7 +77,7 @@ def _quiet_env(state_dir: Path) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from flows.plan import plan
 
-    recipe = parse(args.recipe, args.set)
+    recipe = parse(args.recipe, args.set, args.scale)
     planned = plan(recipe, Store(args.store), set(args.force), args.force_downstream,
                    state_dir=args.state_dir, tracking_uri=getattr(args, "tracking_uri", None))
     for p in planned:  # the kinds' plan-time warnings (e.g. route_checks: warn)
@@ -89,6 +89,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for p in planned:
         why = "; ".join(p.reasons) if p.status == "run" else ""
         print(f"{p.status:<6} {p.name:<20} {p.spec.kind:<6} {p.key[:12]}  {why}")
+        for step, key in p.snapshots.items():  # published while the stage trains
+            state = "fresh" if Store(args.store).has(key) else "run"
+            print(f"{state:<6} {p.name + '@' + str(step):<20} {'':<6} {key[:12]}  snapshot")
     sys.stdout.flush()
     n = sum(p.status == "run" for p in planned)
     print(f"{n} of {len(planned)} stages would run", file=sys.stderr)
@@ -153,14 +156,21 @@ def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
         runners.RUNNERS[args.runner].check()
     except runners.RunnerUnavailable as e:
         raise UsageError(str(e)) from None
-    recipe = parse(args.recipe, args.set)
+    recipe = parse(args.recipe, args.set, args.scale)
     store = Store(args.store)
     planned = plan(recipe, store, set(args.force), args.force_downstream,
                    state_dir=args.state_dir, tracking_uri=args.tracking_uri)
     cpus = os.cpu_count() or 1
     if any(p.status == "run" for p in planned) and (line := ui.use_servers(args)):
         print(line, file=sys.stderr)
-    todo = [p for p in planned if p.status == "run"]
+    waiting = [p for p in planned if p.status == "waiting"]
+    if waiting and not getattr(args, "wait_for_upstream", False):
+        raise UsageError("; ".join(f"stage {p.name}: {', '.join(p.reasons)}" for p in waiting)
+                         + ": run it with --wait-for-upstream (and --upstream-timeout S) to "
+                         "start now and wait for it, or once it is built")
+    if getattr(args, "upstream_timeout", None) is not None and args.upstream_timeout <= 0:
+        raise UsageError("--upstream-timeout is seconds > 0, e.g. --upstream-timeout 3600")
+    todo = [p for p in planned if p.status in ("run", "waiting")]
     if not todo:
         return _noop_run(args, recipe, store, planned)
     max_parallel = args.max_parallel or max(
@@ -178,11 +188,12 @@ def open_run(args: argparse.Namespace) -> dict[str, Any] | int:
     run = RunContext(
         run_id=run_id, runner=args.runner, store=store.uri, run_dir=str(run_dir),
         state_dir=str(args.state_dir.absolute()), tracking_uri=args.tracking_uri,
-        parent_run=parent_run,
+        parent_run=parent_run, upstream_timeout=getattr(args, "upstream_timeout", None),
         tracking="off" if tracker is None else "upload" if args.upload_weights else "on")
     plans = [StagePlan.from_planned(p, recipe) for p in planned]  # one typed plan per stage
     board = Board([p.name for p in planned], {p.name: p.spec.kind for p in planned})
-    RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id)}
+    RUNTIME[run_id] = {"board": board, "figures_fn": lambda: _figures(store, planned, run_id,
+                                                                          picture=True)}
     print(f"run {run_id}: {len(todo)} of {len(planned)} stages to build, "
           f"max {max_parallel} at once", file=sys.stderr)
     print(_services_line(args, tracker), file=sys.stderr)
@@ -291,13 +302,20 @@ def _start_tracking(args: argparse.Namespace, recipe: str, run_id: str,
     return tracker, parent
 
 
-def _figures(store: Store, planned: list[Any], run_id: str) -> tuple[str, list[dict[str, Any]]]:
-    """(Mermaid lineage markdown, eval rows) of the stages of this run that are stored."""
+def _figures(store: Store, planned: list[Any], run_id: str,
+             picture: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    """(Mermaid lineage markdown, eval rows) of the stages of this run that are stored;
+    `picture`: the markdown opens with the Graphviz picture (Prefect's artifact page)."""
     from artifacts import pictures
 
     sub = _run_lineage(store, planned)
     _, rows = pictures.eval_table([m for p in planned if (m := store.manifest(p.key))])
     md = pictures.mermaid_markdown(sub, f"Lineage of {run_id}") if sub["nodes"] else ""
+    if picture and md and (svg := pictures.render(sub, "svg")):  # Prefect's UI shows it inline
+        import base64
+
+        md = (f"![Lineage of {run_id}](data:image/svg+xml;base64,"
+              f"{base64.b64encode(svg).decode()})\n\n{md}")
     return md, [r for r in rows if any(v is not None for k, v in r.items()
                                        if k not in ("stage", "recipe", "kind", "key"))]
 
@@ -353,7 +371,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         elif args.recipe and args.stage:
             sp = stage_mod.plan_stage(args.recipe, args.stage, Store(args.store), args.set,
                                       force=args.force, state_dir=args.state_dir,
-                                      tracking_uri=args.tracking_uri)
+                                      tracking_uri=args.tracking_uri, scale=args.scale)
         else:
             raise UsageError("posttrain stage takes RECIPE STAGE (e.g. posttrain stage "
                              "recipes/mimo_tiny.yaml sft), or --plan-file FILE")
@@ -379,8 +397,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     store = Store(args.store)
     rows = []
-    for ref, key in sorted(store.refs().items()):
-        m = store.manifest(key) or {}
+    for ref, key, m in dag_order(store):
         rows.append({"ref": ref, "key": key, "kind": m.get("kind"),
                      "created": m.get("timings", {}).get("ended"),
                      "eval": m.get("metrics", {}).get("eval") or {}})
@@ -393,6 +410,41 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ev = " ".join(f"{d}={a:.2f}" for d, a in r["eval"].items())
         print(f"{r['ref']:<28} {r['kind'] or '?':<6} {r['key'][:12]}  {r['created'] or ''}  {ev}")
     return 0
+
+
+# `show` names an input edge the way lineage, MLflow tags and the recipe's routes do.
+ROLE_NAMES = {"teachers": "teacher", "reward_models": "reward_model", "generators": "generator",
+              "candidates": "candidate"}
+
+
+def dag_order(store: Store) -> list[tuple[str, str, dict[str, Any]]]:
+    """(ref, key, manifest) of every named artifact, by recipe, then parents before children,
+    then by when they were built."""
+    named = [(ref, key, store.manifest(key) or {}) for ref, key in store.refs().items()]
+    by_key: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for row in named:
+        by_key.setdefault(row[1], []).append(row)
+    depth: dict[str, int] = {}
+
+    def level(key: str, seen: frozenset[str] = frozenset()) -> int:
+        if key not in depth:
+            m = by_key[key][0][2] if key in by_key else store.manifest(key) or {}
+            parents = [e["key"] for e in input_edges(m) if e["key"] not in seen]
+            depth[key] = 1 + max((level(p, seen | {key}) for p in parents), default=-1)
+        return depth[key]
+
+    return sorted(named, key=lambda r: (r[0].split(":")[0], level(r[1]),
+                                        (r[2].get("timings") or {}).get("started") or "", r[0]))
+
+
+def input_edges(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """A manifest's input edges, flat: single refs and every route of a routed role."""
+    out = []
+    for v in (m.get("input_refs") or {}).values():
+        out.extend([v] if isinstance(v, dict) and "key" in v else
+                   [e for e in (v.values() if isinstance(v, dict) else v or [])
+                    if isinstance(e, dict) and "key" in e])
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -410,7 +462,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for role, v in (m.get("input_refs") or {}).items():
         edges = v.items() if isinstance(v, dict) and "key" not in v else [(None, v)]
         for sub, e in edges:
-            label = f"{role}:{sub}" if sub else role
+            label = f"{ROLE_NAMES.get(role, role)}:{sub}" if sub else role
             print(f"  {label:<18} <- {e['recipe']}:{e['stage']} ({e['key'][:12]})")
     took = m.get("timings", {}).get("seconds")
     print(f"  sft_root: {(m.get('sft_root') or '-')[:12]}  took {took}s")
@@ -457,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--runner", default="threads",
                            help=f"where stages run: {runners.names()} (default threads)")
             p.add_argument("--no-tracking", action="store_true", help="skip the MLflow mirror")
+            p.add_argument("--wait-for-upstream", action="store_true",
+                           help="a `use:` of another recipe's stage not built yet (planned "
+                           "`waiting`) waits until it is published, instead of refusing")
+            p.add_argument("--upstream-timeout", type=float, default=None, metavar="S",
+                           help="with --wait-for-upstream: give up after S seconds")
             p.add_argument("--upload-weights", action="store_true",
                            help="also upload each model to MLflow (default: a LoggedModel "
                            "that points at the store, no second copy)")

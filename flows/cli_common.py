@@ -43,6 +43,10 @@ def common(sets: bool = False, tracking: bool = False) -> argparse.ArgumentParse
     if sets:
         p.add_argument("--set", action="append", default=[], metavar="STAGE.PATH=VALUE",
                        help="override a field, e.g. --set rl_arith.max_steps=120 (repeatable)")
+        p.add_argument("--scale", type=float, default=1.0, metavar="F",
+                       help="shrink every stage's steps and sizes by F in (0, 1] (each kind's "
+                       "`scale` hook), e.g. 0.1 for a CI smoke run; F enters every key and the "
+                       "recipe is named NAME-xF (default 1: as written)")
     if tracking:
         p.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking URI (default sqlite:///<state-dir>/mlflow.db)")

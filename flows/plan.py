@@ -5,7 +5,11 @@ from comparing with `recipes/NAME.lock`, the record of the last good run that us
 where the lock has no entry for the stage (a fresh clone against a store built elsewhere), with
 the manifest of the store's ref `recipe:stage`:
 `new stage`, `config changed: max_steps 100 -> 120`, `upstream changed: sft`,
-`code changed: tasks/sft.py`, `data changed: train`, `forced`, `not in store`.
+`code changed: tasks/sft.py`, `data changed: train`, `forced`, `not in store`, and for a stored
+stage whose snapshots are not all stored, `snapshots not in store: @250`. Each stage's snapshot
+keys (H(stage key, step)) are listed with it; a `use: {recipe: FILE, stage: ...}` pin not built
+yet is planned `waiting`, its key computed from that recipe file (`posttrain run
+--wait-for-upstream` waits for it).
 
 Imports neither prefect nor torch, and never reads checkpoint bytes: it answers in well under a
 second on a cached 12-stage recipe whatever the checkpoint sizes (bench/plan_speed.py).
@@ -36,22 +40,26 @@ LOCK_FORMAT = 1
 class PlannedStage:
     spec: StageSpec
     key: str
-    status: str  # "fresh" | "run"
+    status: str  # "fresh" | "run" | "waiting" (a `use:` of another recipe's stage not built yet)
     reasons: list[str]
     input_keys: dict[str, Any]  # role -> key | {name: key}
     code_digest: str = ""
     code_files: dict[str, str] = field(default_factory=dict)
     data_digests: dict[str, str] = field(default_factory=dict)
     launch: dict[str, Any] | None = None
+    snapshots: dict[int, str] = field(default_factory=dict)  # step -> key of `NAME@STEP`
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def as_json(self) -> dict[str, Any]:
-        return {"stage": self.name, "kind": self.spec.kind, "key": self.key,
-                "status": self.status, "reasons": self.reasons,
-                "warnings": list(self.spec.warnings)}
+        out = {"stage": self.name, "kind": self.spec.kind, "key": self.key,
+               "status": self.status, "reasons": self.reasons,
+               "warnings": list(self.spec.warnings)}
+        if self.snapshots:
+            out["snapshots"] = {str(step): key for step, key in self.snapshots.items()}
+        return out
 
     def lock_entry(self) -> dict[str, Any]:
         return {"key": self.key, "kind": self.spec.kind, "config": self.spec.config,
@@ -61,7 +69,10 @@ class PlannedStage:
 
 
 def lock_path(recipe: Recipe) -> Path:
-    return recipe.path.with_suffix(".lock")
+    """recipes/NAME.lock; at `--scale F`, recipes/NAME.xF.lock (a smoke run never rewrites
+    the committed lock)."""
+    scale = getattr(recipe, "scale", 1.0)
+    return recipe.path.with_suffix(".lock" if scale == 1 else f".x{scale:g}.lock")
 
 
 def read_lock(recipe: Recipe) -> dict[str, Any]:
@@ -162,17 +173,26 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
     cache_file = (state_dir / "data_digests.json") if state_dir else None
     out: dict[str, PlannedStage] = {}
     for name, spec in recipe.stages.items():
+        if spec.kind == "use" and spec.use_recipe:
+            key, their = _their_key(recipe, spec, store, state_dir, tracking_uri)
+            status, why = (("fresh", [f"pinned to {their}"]) if store.has(key) else
+                           ("waiting", [f"waiting for {their} (not built yet)"]))
+            out[name] = PlannedStage(spec, key, status, why, {})
+            continue
         if spec.kind == "use":
             try:
                 key = resolve_ref(spec.use or "", store, tracking_uri, state_dir)
             except (RefError, LookupError) as e:
-                raise RecipeError(str(recipe.path), spec.where + ".use", str(e)) from None
+                hint = ("; to plan on another team's stage before it is built, write use: "
+                        "{recipe: path/to/their.yaml, stage: STAGE[@STEP]}"
+                        if ":" in (spec.use or "") else "")
+                raise RecipeError(str(recipe.path), spec.where + ".use", f"{e}{hint}") from None
             out[name] = PlannedStage(spec, key, "fresh", [f"pinned to {spec.use}"], {})
             continue
         input_keys: dict[str, Any] = {}
         for role, value in spec.inputs.items():
-            input_keys[role] = ({k: out[v].key for k, v in value.items()}
-                                if isinstance(value, dict) else out[value].key)
+            input_keys[role] = ({k: _input_key(out, v) for k, v in value.items()}
+                                if isinstance(value, dict) else _input_key(out, value))
         data_digests: dict[str, str] = {}
         kspec = kinds.spec(spec.kind)
         _check_pinned_inputs(recipe, spec, kspec, out, store)
@@ -183,14 +203,60 @@ def plan(recipe: Recipe, store: Store, force: set[str] | None = None,
         files = dict(keys.code_files(module))
         code = keys.code_digest(module)
         launch = launch_key(spec)
-        key = keys.content_key(spec.kind, spec.config, input_keys, data_digests, code, launch)
-        ps = PlannedStage(spec, key, "fresh", [], input_keys, code, files, data_digests, launch)
+        key = keys.content_key(spec.kind, spec.config, input_keys, data_digests, code, launch,
+                               recipe.scale)
+        ps = PlannedStage(spec, key, "fresh", [], input_keys, code, files, data_digests, launch,
+                          {step: keys.snapshot_key(key, step) for step in spec.snapshots})
+        missing = [f"@{step}" for step, k in ps.snapshots.items() if not store.has(k)]
         if name in force:
             ps.status, ps.reasons = "run", ["forced"]
         elif not store.has(key):
             ps.status, ps.reasons = "run", _reasons(ps, lock.get(name), out, store, recipe.name)
+        elif missing:  # snapshots are published while the stage trains: train it again
+            ps.status, ps.reasons = "run", [f"snapshots not in store: {', '.join(missing)}"]
         out[name] = ps
     return list(out.values())
+
+
+def _input_key(planned: dict[str, PlannedStage], ref: str) -> str:
+    """The key an input ref names: a stage's key, or for `STAGE@STEP` its snapshot's."""
+    stage, step = kinds.split_ref(ref)
+    return planned[stage].key if step is None else keys.snapshot_key(planned[stage].key, step)
+
+
+_THEIRS: set[str] = set()  # other recipes being planned now (a cycle of `use:` files)
+
+
+def _their_key(recipe: Recipe, spec: StageSpec, store: Store, state_dir: Path | None,
+               tracking_uri: str | None) -> tuple[str, str]:
+    """(key, "their_recipe:STAGE[@STEP]") of a `use: {recipe: FILE, stage: ...}` pin, planned
+    from their recipe file against this store: the key their run will publish under."""
+    from flows.recipe import parse
+
+    where, file = spec.where + ".use", str(spec.use_recipe)
+    if file in _THEIRS or file == str(recipe.path.resolve()):
+        raise RecipeError(str(recipe.path), where, f"{file} pins stages of this recipe back "
+                          "(a cycle of `use:` recipes); pin built artifacts instead")
+    stage, step = kinds.split_ref(spec.use or "")
+    _THEIRS.add(file)
+    try:
+        theirs = parse(file, (), getattr(recipe, "scale", 1.0))  # the scale this run uses
+        if stage not in theirs.stages:
+            raise RecipeError(str(recipe.path), where + ".stage", f"recipe {file} has no stage "
+                              f"{stage!r}{closest(stage, tuple(theirs.stages))}")
+        planned = plan(upstream(theirs, {stage}), store, state_dir=state_dir,
+                       tracking_uri=tracking_uri)
+    finally:
+        _THEIRS.discard(file)
+    ps = next(p for p in planned if p.name == stage)
+    label = f"{theirs.name}:{spec.use}"
+    if step is None:
+        return ps.key, label
+    if step not in ps.snapshots:
+        saved = ", ".join(map(str, ps.snapshots)) or "none"
+        raise RecipeError(str(recipe.path), where + ".stage", f"{theirs.name}:{stage} saves no "
+                          f"snapshot at step {step} (it saves: {saved}); name a saved step")
+    return ps.snapshots[step], label
 
 
 def _check_pinned_inputs(recipe: Recipe, spec: StageSpec, kspec: kinds.KindSpec,
@@ -201,6 +267,7 @@ def _check_pinned_inputs(recipe: Recipe, spec: StageSpec, kspec: kinds.KindSpec,
         value = spec.inputs.get(role)
         pairs = value.items() if isinstance(value, dict) else [(None, value)] if value else []
         for sub, parent in pairs:
+            parent = kinds.split_ref(parent)[0]
             if planned[parent].spec.kind != "use":
                 continue
             made = (store.manifest(planned[parent].key) or {}).get("produces")
@@ -272,7 +339,7 @@ def _reasons(ps: PlannedStage, old: dict[str, Any] | None, planned: dict[str, Pl
     for role, value in ps.spec.inputs.items():
         pairs = value.items() if isinstance(value, dict) else [(None, value)]
         for sub, parent in pairs:
-            new_key = planned[parent].key
+            new_key = ps.input_keys[role][sub] if sub else ps.input_keys[role]
             old_v = old_inputs.get(role)
             old_key = old_v.get(sub) if isinstance(old_v, dict) and sub else old_v
             if old_key != new_key:

@@ -36,8 +36,10 @@ def register(subparsers: Any) -> None:
         return p
 
     p = add("lineage", "Ancestors (--up, default) or descendants (--down) of an artifact, with "
-            "the role of every edge.", "posttrain lineage mimo_tiny:final_rl --up --format html "
-            "--output lineage.html", _lineage)
+            "the role of every edge; REF may also be RECIPE.yaml:STAGE, the planned graph "
+            "(no compute; built stages show their metrics).",
+            "posttrain lineage mimo_tiny:final_rl --up --format html --output lineage.html",
+            _lineage)
     way = p.add_mutually_exclusive_group()
     way.add_argument("--up", dest="down", action="store_false", help="ancestors (default)")
     way.add_argument("--down", dest="down", action="store_true", help="descendants")
@@ -83,9 +85,14 @@ def _row(n: dict[str, Any]) -> str:
 
 
 def _lineage(args: argparse.Namespace) -> int:
+    from flows import plan_lineage
+
     store = Store(args.store)
-    g = lineage.build(store)
-    key = _key(args, store)
+    if plan_lineage.is_plan_ref(args.ref):  # recipes/x.yaml:STAGE: the plan's graph
+        g, key = plan_lineage.resolve(args.ref, store)
+    else:
+        g = lineage.build(store)
+        key = _key(args, store)
     walk = lineage.descendants if args.down else lineage.ancestors
     sub = walk(g, key, args.depth)
     _emit(lineage.render(sub, "json" if args.json else args.format), args.output)

@@ -16,9 +16,29 @@ manifests before training; not in the key: it changes no trained byte), `resume_
 resumes instead of restarting; off when absent; not in the key either), and
 `launch` {processes, accelerate}: run the stage as N data-parallel processes (torchrun), or
 under `accelerate launch --config_file <accelerate>` (e.g. infra/deepspeed/zero2.yaml).
+Snapshots (kinds that declare SNAPSHOTS, tasks/snapshots.py): `snapshots: [steps]` and/or
+`snapshot_every: N` publish the stage's model at those steps as `NAME@STEP` while it trains,
+`eval_snapshots: true` evaluates each (none of them in the key). `STAGE@STEP` is accepted
+wherever a stage is named (`from`, `teachers`, `reference`, ...) and refused unless STAGE saves
+that step; a role that takes schedules (mopd `teachers`) also takes a list per name,
+`{arith: [rl_arith@125, rl_arith]}`, expanded to `{arith#1: .., arith#2: ..}`. `use:` also takes
+`{recipe: path/to/their.yaml, stage: STAGE[@STEP]}`: another team's stage, keyed from their
+recipe file, planned `waiting` until it is built.
 A string that is exactly `${var}` is replaced by that var's value. `--set NAME.path=value`
 names an expanded stage (a bare `rounds` name is its last round) or a foreach template as
 written (`rl_{domain}`: every copy).
+
+Rounds over a group of stages (flows/rounds.py): a `stages:` entry with `stages:` of its own
+and `rounds: N` repeats its member stages N times; member names contain `{round}` (round r's
+copy: `rm_{round}` -> `rm_2`), `{prev}` is r - 1 in every string (`from: best_{prev}`: the
+previous round's `best`), `first: {"best_{round}": sft}` says what `best_{prev}` names in
+round 1, and `per_round: {2: {"mopd_{round}": {teachers: {general: "rlvr_{prev}"}}}}` deep-merges
+overrides into one round's copy (`null` removes a field or a map entry, e.g. a teacher route).
+In YAML flow style (`{...}`) a name with `{round}` must be quoted; block style needs no quotes.
+
+`parse(..., scale=F)` (`posttrain run|plan --scale F`, 0 < F <= 1) shrinks every stage through
+its kind's `scale` hook (steps, data sizes, eval_n, prompts: tasks/kind.py) and names the recipe
+`NAME-xF`, so its refs, lock file and MLflow experiment stay apart; the plan puts F in every key.
 
 Every user error raises RecipeError naming the file, the line and the YAML path, with a fix.
 This module imports neither prefect nor torch: `posttrain plan` must answer in < 1 s.
@@ -44,12 +64,15 @@ from pydantic import ValidationError
 
 import tasks
 from artifacts.store import NAME_RE  # one rule for recipe and stage names: refs/ paths use them
+from flows import rounds as rounds_mod
+from flows import scaling
 from tasks import kind as kinds
 from tasks.kind import FIELD_OF_ROLE, ROLE_OF_FIELD
 
 STAGE_FIELDS = ("kind", "description", "from", "teachers", "generators", "data", "reference",
-                "reward_model", "foreach", "rounds", "use", "resources", "retries", "launch",
-                "verify_inputs", "resume_every")
+                "reward_model", "candidates", "foreach", "rounds", "use", "resources", "retries",
+                "launch", "verify_inputs", "resume_every", "snapshots", "snapshot_every",
+                "eval_snapshots")
 VERIFY_MODES = ("hash", "size")  # artifacts/verify.py MODES (imported there without yaml)
 TOP_FIELDS = ("name", "description", "vars", "defaults", "stages")
 
@@ -103,12 +126,42 @@ class StageSpec:
     warnings: tuple[str, ...] = ()  # from the kind's plan-time checks (route_checks: warn)
     verify_inputs: str = "hash"  # inputs checked by sha256 ("hash") or by size only ("size")
     resume_every: int | None = None  # steps between resumable snapshots (None: off)
+    snapshots: tuple[int, ...] = ()  # steps whose model is published as `NAME@STEP`
+    eval_snapshots: bool = False  # evaluate each snapshot per domain (its manifest's eval)
+    use_recipe: str | None = None  # `use: {recipe: FILE, stage: ...}`: that file, absolute
+
+    def refs(self) -> list[tuple[str, str | None, str]]:
+        """(role, name within the role or None, ref as written: `STAGE` or `STAGE@STEP`)."""
+        out: list[tuple[str, str | None, str]] = []
+        for role, value in self.inputs.items():
+            pairs = value.items() if isinstance(value, dict) else [(None, value)]
+            out.extend((role, sub, ref) for sub, ref in pairs)
+        return out
 
     def parents(self) -> list[str]:
-        out: list[str] = []
-        for value in self.inputs.values():
-            out.extend(value.values() if isinstance(value, dict) else [value])
-        return sorted(set(out))
+        """Names of the stages this one reads from (a snapshot `X@N` counts as X)."""
+        return sorted({kinds.split_ref(ref)[0] for _, _, ref in self.refs()})
+
+    def deferred(self, sub: str | None) -> bool:
+        """Whether the input named `sub` is needed only later in training: a scheduled
+        phase after the first (`route#2`...), which the kind waits for when it switches."""
+        return sub is not None and (kinds.split_phase(sub)[1] or 1) > 1
+
+    def waits_for(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """(stages whose end this one waits for, snapshots `(stage, step)` it waits for
+        instead): a stage read only through snapshots or deferred phases may still be
+        training when this one starts (pipelining)."""
+        whole: set[str] = set()
+        snaps: set[tuple[str, int]] = set()
+        for _, sub, ref in self.refs():
+            if self.deferred(sub):
+                continue
+            stage, step = kinds.split_ref(ref)
+            if step is None:
+                whole.add(stage)
+            else:
+                snaps.add((stage, step))
+        return sorted(whole), sorted(x for x in snaps if x[0] not in whole)
 
 
 @dataclass(frozen=True)
@@ -119,6 +172,7 @@ class Recipe:
     vars: dict[str, list[Any]]
     stages: dict[str, StageSpec]  # topological order
     sets: tuple[str, ...] = field(default_factory=tuple)
+    scale: float = 1.0  # `--scale`: every stage shrunk by its kind's `scale` hook; in the keys
 
     def children(self, name: str) -> list[str]:
         return [s.name for s in self.stages.values() if name in s.parents()]
@@ -320,8 +374,7 @@ def _expand_templates(doc: dict[str, Any], ctx: _Ctx) -> list[tuple[str, dict[st
     """[(stage name, raw body, yaml path of its template)] after foreach and rounds."""
     vars_ = doc["vars"]
     out: list[tuple[str, dict[str, Any], tuple]] = []
-    for tname, body in doc["stages"].items():
-        where = ("stages", str(tname))
+    for tname, body, where in rounds_mod.expand(doc["stages"], vars_, ctx, _placeholders):
         if not isinstance(tname, str) or not NAME_RE.match(tname.replace("{", "").replace("}", "")):
             raise ctx.error(where, "stage names use letters, digits, '_', '-', '.' "
                             "(and {placeholders} with foreach)")
@@ -381,6 +434,8 @@ def _parse_inputs(name: str, kind: str, roles: Mapping[str, kinds.Role], body: d
             continue
         if isinstance(value, str) and decl.default_name:
             value = {decl.default_name: value}
+        if decl.schedule and isinstance(value, dict):
+            value = _schedules(value, fld, ctx, where)
         if not isinstance(value, dict) or not value or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ctx.error(where + (fld,), f"`{fld}` is a mapping {{name: stage}} (write "
@@ -410,6 +465,98 @@ def _parse_inputs(name: str, kind: str, roles: Mapping[str, kinds.Role], body: d
             raise ctx.error(where, f"stage {name!r} (kind {kind}) needs `{FIELD_OF_ROLE[role]}:` "
                             f"({decl.description or decl.accepts})")
     return inputs
+
+
+def _schedules(value: dict[Any, Any], fld: str, ctx: _Ctx,
+               where: tuple[str, ...]) -> dict[str, Any]:
+    """`{route: [s1, s2, ..]}` (a schedule: phase k trains against s_k) -> `{route#1: s1,
+    route#2: s2, ..}`; a plain `{route: stage}` or a one-item list stays `{route: stage}`."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(k, str) and kinds.PHASE_SEP in k:
+            raise ctx.error(where + (fld, k), f"a name under `{fld}` may not contain "
+                            f"{kinds.PHASE_SEP!r} (it numbers the phases of a schedule); "
+                            "rename it")
+        if not isinstance(v, list):
+            out[k] = v
+            continue
+        if not v or not all(isinstance(x, str) for x in v):
+            raise ctx.error(where + (fld, str(k)), f"a schedule is a non-empty list of stages "
+                            f"or snapshots, e.g. [rl_{k}@125, rl_{k}@250, rl_{k}], got {v!r}")
+        if len(v) == 1:
+            out[k] = v[0]
+            continue
+        for i, x in enumerate(v, 1):
+            out[f"{k}{kinds.PHASE_SEP}{i}"] = x
+    return out
+
+
+def _parse_snapshots(body: dict[str, Any], kind: str, kspec: kinds.KindSpec,
+                     config: dict[str, Any], launch: Launch, ctx: _Ctx,
+                     where: tuple[str, ...]) -> tuple[tuple[int, ...], bool]:
+    """(`snapshots` steps, `eval_snapshots`): the union of `snapshots: [steps]` and every
+    multiple of `snapshot_every: N` below max_steps (the last step is the stage itself)."""
+    fields_ = [f for f in ("snapshots", "snapshot_every", "eval_snapshots") if f in body]
+    if not fields_:
+        return (), False
+    if not kspec.snapshots:
+        able = ", ".join(k for k in tasks.KINDS if kinds.spec(k).snapshots)
+        raise ctx.error(where + (fields_[0],), f"kind {kind} publishes no snapshots (only "
+                        f"training kinds that declare SNAPSHOTS do: {able}); remove "
+                        f"{fields_[0]}")
+    if launch.distributed:
+        raise ctx.error(where + (fields_[0],), "snapshots are not supported with `launch:` "
+                        "(data-parallel ranks) yet; remove one of them")
+    total = config.get("max_steps")
+    raw = body.get("snapshots", [])
+    if not isinstance(raw, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                            for x in raw):
+        raise ctx.error(where + ("snapshots",), "snapshots is a list of steps, e.g. "
+                        f"snapshots: [250, 500], got {raw!r}")
+    steps = set(raw)
+    for i, x in enumerate(raw):
+        if not 1 <= x < total:
+            raise ctx.error(where + ("snapshots", str(i)), f"snapshot step {x} is not in 1.."
+                            f"{total - 1} (max_steps is {total}; the last step is the stage "
+                            "itself: name the stage, not a snapshot)")
+    if "snapshot_every" in body:
+        n = body["snapshot_every"]
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < total:
+            raise ctx.error(where + ("snapshot_every",), f"snapshot_every is a step interval "
+                            f"in 1..{total - 1} (max_steps is {total}), got {n!r}")
+        steps.update(range(n, total, n))
+    ev = body.get("eval_snapshots", False)
+    if not isinstance(ev, bool):
+        raise ctx.error(where + ("eval_snapshots",), f"eval_snapshots is true or false, got "
+                        f"{ev!r}")
+    if not steps:
+        raise ctx.error(where + (fields_[0],), "no snapshot step: give `snapshots: [steps]` "
+                        "or `snapshot_every: N`")
+    return tuple(sorted(steps)), ev
+
+
+def _check_snapshot_refs(specs: dict[str, StageSpec], ctx: _Ctx, syntax: bool = False) -> None:
+    """Every `STAGE@STEP` is well formed (`syntax`), names a step that STAGE saves (its
+    `snapshots`), and no `use:`."""
+    for s in specs.values():
+        for role, sub, ref in s.refs():
+            at = _path(s) + (FIELD_OF_ROLE[role],) + ((kinds.split_phase(sub)[0],) if sub
+                                                      else ())
+            if "@" in ref and not kinds.SNAPSHOT_REF_RE.match(ref):
+                raise ctx.error(at, f"{ref!r}: a snapshot is named STAGE@STEP with an integer "
+                                "step, e.g. rl_arith@250")
+            stage, step = kinds.split_ref(ref)
+            if step is None or syntax:
+                continue
+            p = specs[stage]
+            if p.kind == "use":
+                raise ctx.error(at, f"{stage!r} is a `use:` pin of one artifact; name the "
+                                f"snapshot in its use: instead (use: RECIPE:STAGE@{step})")
+            if step not in p.snapshots:
+                saved = ", ".join(map(str, p.snapshots)) or "none"
+                raise ctx.error(at, f"stage {stage!r} saves no snapshot at step {step} (it "
+                                f"saves: {saved}); add {step} to its `snapshots:` or name a "
+                                "saved step")
 
 
 def _validate_config(spec: kinds.KindSpec, cfg: dict[str, Any], ctx: _Ctx,
@@ -483,8 +630,9 @@ def _check_edges(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]
 
 
 def _path(spec: StageSpec) -> tuple[str, ...]:
-    """The YAML path of the template a stage came from: ("stages", <name as written>)."""
-    return tuple(spec.where.split(".", 1))
+    """The YAML path of the template a stage came from: ("stages", <name as written>), or
+    ("stages", <group>, "stages", <member>) for a member of a group of rounds."""
+    return rounds_mod.yaml_path(spec.where)
 
 
 def _toposort(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]:
@@ -638,12 +786,39 @@ def _parse_resume_every(body: dict[str, Any], kind: str, resumable: bool, launch
     return n
 
 
+def _parse_use_recipe(raw: dict[str, Any], recipe_dir: Path, ctx: _Ctx,
+                      where: tuple[str, ...]) -> tuple[str, str]:
+    """`use: {recipe: path/to/their.yaml, stage: STAGE[@STEP]}` -> (stage ref, absolute
+    recipe path): another team's stage, keyed from their recipe file even before it is built."""
+    shape = "use: {recipe: path/to/their.yaml, stage: rl_arith@250}"
+    extra = sorted(set(raw) - {"recipe", "stage"})
+    if extra:
+        raise ctx.error(where + ("use", str(extra[0])), f"unknown field {extra[0]!r}; {shape}")
+    file, stage = raw.get("recipe"), raw.get("stage")
+    if not isinstance(file, str) or not file.strip():
+        raise ctx.error(where + ("use", "recipe"), f"recipe is the path of the other team's "
+                        f"recipe file (relative to this one); {shape}")
+    if not isinstance(stage, str) or not NAME_RE.match(kinds.split_ref(stage)[0]) or (
+            "@" in stage and not kinds.SNAPSHOT_REF_RE.match(stage)):
+        raise ctx.error(where + ("use", "stage"), f"stage is a stage name of that recipe, or "
+                        f"STAGE@STEP for one of its snapshots, got {stage!r}; {shape}")
+    path = Path(file).expanduser()
+    path = path if path.is_absolute() else recipe_dir / path
+    if not path.is_file():
+        raise ctx.error(where + ("use", "recipe"), f"no recipe file at {path} (paths are "
+                        "relative to this recipe); fix the path")
+    return stage, str(path.resolve())
+
+
 def _resumable_kinds() -> list[str]:
     return [k for k in tasks.KINDS if kinds.spec(k).resumable]
 
 
-def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, validate and expand a recipe file. Raises RecipeError on any user error."""
+def parse(path: str | Path, sets: list[str] | tuple[str, ...] = (),
+          scale: float = 1.0) -> Recipe:
+    """Read, validate and expand a recipe file (at `scale`, module docstring). Raises
+    RecipeError on any user error."""
+    scale = check_scale(scale, str(path))
     doc, ctx = load_yaml(path)
     for key in doc:
         if key not in TOP_FIELDS:
@@ -687,6 +862,7 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
 
     recipe_dir = Path(path).resolve().parent
     specs: dict[str, StageSpec] = {}
+    step_maps: dict[str, tuple[int, int]] = {}  # --scale: stage -> (full, scaled) max_steps
     for sname, body, where in expanded:
         if "use" in body:
             extra = sorted(set(body) - {"use", "description", "resources"})
@@ -694,9 +870,15 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
                 raise ctx.error(where + (extra[0],), "a `use:` stage pins an existing artifact "
                                 f"and takes no other fields: remove `{extra[0]}` (or `use:` to "
                                 "build the stage)")
+            if isinstance(body["use"], dict):
+                stage, their = _parse_use_recipe(body["use"], recipe_dir, ctx, where)
+                specs[sname] = StageSpec(sname, "use", {}, {}, use=stage, use_recipe=their,
+                                         where=".".join(where))
+                continue
             if not isinstance(body["use"], str) or not body["use"].strip():
-                raise ctx.error(where + ("use",), "use: takes a key, recipe:stage or "
-                                "models:/name@alias")
+                raise ctx.error(where + ("use",), "use: takes a key, recipe:stage, "
+                                "recipe:stage@STEP, models:/name@alias, or {recipe: "
+                                "path/to/their.yaml, stage: STAGE[@STEP]}")
             specs[sname] = StageSpec(sname, "use", {}, {}, use=body["use"].strip(),
                                      where=".".join(where))
             continue
@@ -710,6 +892,12 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
         set_by = {tuple(i.split("=", 1)[0].strip().split(".")[1:]): f"--set {i}"
                   for i in sets if i.split(".", 1)[0] in (sname, where[-1])}
         config = _validate_config(kspec, cfg, ctx, where, recipe_dir, set_by)
+        if scale != 1 and "scale" in kspec.hooks:
+            full = config.get("max_steps")
+            config = _scaled(kspec, config, scale, ctx, where)
+            if isinstance(full, int) and any(f in body for f in scaling.SNAPSHOT_FIELDS):
+                step_maps[sname] = (full, config["max_steps"])  # snapshots move with the run
+                body = scaling.snapshot_fields(body, full, config["max_steps"])
         inputs = _parse_inputs(sname, kind, kspec.roles, body, vars_, ctx, where)
         res = body.get("resources") or {}
         shape = "{cpus: N, gpus: N, custom: {RAY_RESOURCE: N}}"
@@ -747,21 +935,57 @@ def parse(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
                             f"{verify!r}")
         launch = _parse_launch(body.get("launch"), recipe_dir, ctx, where)
         resume_every = _parse_resume_every(body, kind, kspec.resumable, launch, ctx, where)
+        snaps, eval_snaps = _parse_snapshots(body, kind, kspec, config, launch, ctx, where)
         specs[sname] = StageSpec(sname, kind, config, inputs, Resources(**res), retries,
                                  where=".".join(where), launch=launch, verify_inputs=verify,
-                                 resume_every=resume_every)
+                                 resume_every=resume_every, snapshots=snaps,
+                                 eval_snapshots=eval_snaps)
 
+    if step_maps:  # `STAGE@STEP` refs follow their snapshots into the scaled run
+        specs = {n: scaling.rescale_refs(s, step_maps) for n, s in specs.items()}
+    _check_snapshot_refs(specs, ctx, syntax=True)
     for s in specs.values():
         for p in s.parents():
             if p not in specs:
-                role = next(r for r, v in s.inputs.items()
-                            if p == v or (isinstance(v, dict) and p in v.values()))
+                role = next(r for r, _, ref in s.refs() if kinds.split_ref(ref)[0] == p)
                 fld = FIELD_OF_ROLE[role]
                 raise ctx.error(_path(s) + (fld,), f"stage {s.name!r} refers "
                                 f"to missing stage {p!r}{closest(p, tuple(specs))}")
+    _check_snapshot_refs(specs, ctx)
     ordered = _check_edges(_toposort(specs, ctx), ctx)
-    return Recipe(name, str(doc.get("description") or ""), Path(path), vars_, ordered,
-                  tuple(sets))
+    return Recipe(scaled_name(name, scale), str(doc.get("description") or ""), Path(path),
+                  vars_, ordered, tuple(sets), scale)
+
+
+def check_scale(scale: Any, file: str) -> float:
+    """`--scale` as a float in (0, 1], or RecipeError naming the value and the fix."""
+    ok = isinstance(scale, int | float) and not isinstance(scale, bool) and 0 < scale <= 1
+    if not ok:
+        raise RecipeError(file, "--scale", f"the scale is a number in (0, 1] (0.1 shrinks every "
+                          f"stage's steps and sizes tenfold; 1 is the recipe as written), got "
+                          f"{scale!r}")
+    return float(scale)
+
+
+def scaled_name(name: str, scale: float) -> str:
+    """The recipe name at `scale`: itself at 1, `NAME-xF` otherwise (refs, lock, MLflow).
+
+    >>> scaled_name("llama3", 1.0), scaled_name("llama3", 0.1), scaled_name("r1", 0.25)
+    ('llama3', 'llama3-x0.1', 'r1-x0.25')
+    """
+    return name if scale == 1 else f"{name}-x{scale:g}"
+
+
+def _scaled(kspec: kinds.KindSpec, config: dict[str, Any], scale: float, ctx: _Ctx,
+            where: tuple[str, ...]) -> dict[str, Any]:
+    """The kind's `scale` hook on a validated config, validated again."""
+    try:
+        return kspec.config(**kspec.hooks["scale"](dict(config), scale)).model_dump(mode="json")
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        raise ctx.error(where + loc, f"at --scale {scale:g}: {err['msg']}; use a larger scale "
+                        "or set the field explicitly") from None
 
 
 if __name__ == "__main__":

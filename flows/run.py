@@ -11,6 +11,12 @@ at most `max_parallel` stages, and never more CPU threads than the machine has, 
 Ray places each task with its stage's CPUs and GPUs. A stage with `launch: {processes: N}`
 starts under torchrun (or `accelerate launch` with its config file).
 
+Pipelining: a stage that reads a snapshot `X@N` (or a later phase of a teacher schedule) does not
+wait for X's task; its own task waits, before taking CPUs, until `X@N` is published
+(flows/snapshot.py), and fails with X's error if X ends first (every stage's end is in its
+result file in the run dir, which a pipelined consumer reads on any runner). A `waiting` `use:`
+pin (another recipe's stage, `--wait-for-upstream`) waits for its key the same way.
+
 Run: ``posttrain run recipes/mimo_tiny.yaml --max-parallel 2``
 """
 
@@ -36,6 +42,7 @@ from flows import loopback, procs
 from flows.board import Board
 from flows.procs import Interrupted
 from flows.runners import RUNNERS, Runner, cores
+from flows.snapshot import UpstreamFailed, wait_for
 from flows.stagefile import StageFileError, StagePlan, StageResult
 
 # Per-run objects that cannot travel as task parameters (locks, the live board, the runner with
@@ -59,6 +66,9 @@ class RunContext:
     tracking: str = "on"  # POSTTRAIN_TRACKING for the children: on | off | upload
     tracking_uri: str | None = None
     parent_run: str | None = None
+    # `--wait-for-upstream`: how long a `use:` of another recipe's stage not built yet waits
+    # for it to be published (None: no limit).
+    upstream_timeout: float | None = None
 
 
 class _NoBoard:
@@ -82,7 +92,23 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
     if sp.status == "fresh":  # in the store: Prefect shows the task as Cached
         board.update(sp.name, state="reused")
         return _cached(StageResult(sp.name, sp.key, "reused", 0.0))
-    runner.reserve(sp)
+    # Before taking CPUs: a `use:` of another team's stage, or the snapshots this stage reads
+    # while their stages keep training (pipelining), must be published first.
+    try:
+        _await_upstream(sp, run, board, runner)
+    except UpstreamFailed as e:
+        board.update(sp.name, state="failed", ended=time.time(), error=str(e))
+        StageResult(sp.name, sp.key, "failed", 0.0, str(e)).write(
+            Path(run.run_dir) / f"{sp.name}.result.json")  # its own consumers read it
+        return Failed(message=f"stage {sp.name}: {e}")
+    if sp.kind == "use":  # published by its own recipe's run meanwhile
+        board.update(sp.name, state="reused")
+        return _cached(StageResult(sp.name, sp.key, "reused", 0.0))
+    held = rt.get("held", set()) if rt else set()
+    if sp.name in held:  # the flow took its cores before submitting it (`_dispatch`)
+        held.discard(sp.name)
+    else:  # a retry, or a runner that keeps no slots here (Ray)
+        runner.reserve(sp)
     try:
         files = {x: Path(run.run_dir) / f"{sp.name}.{x}"
                  for x in ("plan.json", "result.json", "log", "progress.jsonl")}
@@ -100,7 +126,7 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
         threads = str(max(1, min(cpus, os.cpu_count() or 1) // ranks))
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-                   POSTTRAIN_TRACKING=run.tracking)
+                   POSTTRAIN_TRACKING=run.tracking, POSTTRAIN_RUN_DIR=run.run_dir)
         board.update(sp.name, state="running", started=time.time(),
                      progress_file=str(files["progress.jsonl"]))
         try:
@@ -109,6 +135,8 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
         except Interrupted as e:
             return _interrupted(sp, board, f"not run: interrupted ({e})")
         result = _outcome(sp, rc, files["result.json"], files["log"])
+        if result.status == "failed" and not files["result.json"].exists():
+            result.write(files["result.json"])  # killed: its pipelined consumers read this
         if result.status == "failed" and runner.stopping:
             return _interrupted(sp, board, f"interrupted ({runner.stopping})")
         if result.status == "failed":
@@ -126,6 +154,51 @@ def launch_stage(sp: StagePlan, run: RunContext, after: list[Any] | None = None
         return result
     finally:
         runner.release(sp)
+
+
+def _await_upstream(sp: StagePlan, run: RunContext, board: Any, runner: Runner) -> None:
+    """Block until what `sp` reads before it starts is published: a `use:` pin of another
+    recipe's stage (`waiting` in the plan), or the snapshots `X@N` it reads while X trains
+    (flows/snapshot.py: fails with X's own error when X ends first)."""
+    from artifacts.store import Store
+
+    store = Store(run.store)
+
+    def note(what: str) -> Any:
+        return lambda: board.update(sp.name, state="waiting", waiting_for=what)
+
+    if sp.status == "waiting":
+        what = "; ".join(sp.reasons) or sp.key[:12]
+        wait_for(store, sp.key, f"pinned {sp.use}", None, None, run.upstream_timeout,
+                 lambda: runner.stopping, note(what))
+        return
+    _, snaps = sp.spec.waits_for()
+    for stage, step in snaps:
+        key = next(k for _, sub, k, parent in _snapshot_inputs(sp) if parent == f"{stage}@{step}")
+        wait_for(store, key, f"snapshot {stage}@{step}", stage, run.run_dir, None,
+                 lambda: runner.stopping, note(f"{stage}@{step}"))
+    # A deferred input (a later schedule phase) is waited for inside the stage, while it holds
+    # its CPUs: its producer must hold its own by then, or the two could wait for each other.
+    for _, sub, key, ref in _snapshot_inputs(sp):
+        producer = ref.split("@")[0]
+        log = Path(run.run_dir) / f"{producer}.log"
+        while sp.spec.deferred(sub) and not (store.has(key) or log.exists()):
+            if runner.stopping:
+                raise UpstreamFailed(f"interrupted ({runner.stopping}) while waiting for "
+                                     f"{producer} to start")
+            if (Path(run.run_dir) / f"{producer}.result.json").exists():
+                break  # ended: the stage's own wait reports how
+            note(f"{producer} to start")()
+            time.sleep(0.5)
+
+
+def _snapshot_inputs(sp: StagePlan) -> list[tuple[str, str | None, str, str]]:
+    """(role, name, key, ref as written) of every input of `sp`."""
+    out = []
+    for role, value in sp.parents.items():
+        pairs = [(None, value)] if isinstance(value.get("stage"), str) else value.items()
+        out.extend((role, sub, e["key"], e["stage"]) for sub, e in pairs)
+    return out
 
 
 def _link_mlflow_run(store_uri: str, sp: StagePlan, result: StageResult) -> None:
@@ -250,15 +323,20 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
     rt = RUNTIME[run.run_id]
     runner: Runner = rt["runner"]
     futures: dict[str, Any] = {}
-    for sp in plans:
+
+    def submit(sp: StagePlan) -> None:
         task_ = stage_task.with_options(name=f"{recipe_name}:{sp.name}", retries=sp.retries,
                                         task_run_name=sp.name,
                                         tags={f"recipe:{recipe_name}", f"kind:{sp.kind}",
                                               f"key:{sp.key[:12]}"})
-        parents = [futures[x] for x in sp.parent_stages()]
+        # A stage read only through snapshots (or deferred schedule phases) is not waited for
+        # here: the task waits for what it reads (pipelining, `_await_upstream`).
+        parents = [futures[x] for x in sp.spec.waits_for()[0]]
         with runner.submit_options(sp):
             futures[sp.name] = task_.submit(sp, run, after=parents, wait_for=parents)
         runner.track(futures[sp.name])
+
+    _dispatch(plans, futures, submit, runner, run, rt)
     board: Board = rt["board"]
     results: list[StageResult] = []
     failures = []
@@ -286,6 +364,9 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
             err = "not run: an upstream stage failed"
             board.update(sp.name, state="failed", error=err)
         results.append(StageResult(sp.name, sp.key, "failed", 0.0, err))
+        done = Path(run.run_dir) / f"{sp.name}.result.json"
+        if not done.exists():  # never started: its pipelined consumers must not wait for it
+            results[-1].write(done)
     rt["results"] = results
     _post_artifacts(run.run_id)
     if failures:
@@ -293,6 +374,58 @@ def wire(recipe_name: str, plans: list[StagePlan], run: RunContext) -> Any:
         # without a Python traceback in the user's terminal.
         return Failed(message="; ".join(failures))
     return results
+
+
+def _dispatch(plans: list[StagePlan], futures: dict[str, Any], submit: Any, runner: Runner,
+              run: RunContext, rt: dict[str, Any]) -> None:
+    """Submit every stage's task, in plan order, once it can start at once: its parents done,
+    the snapshots it reads published (or their stage ended), and its cores taken here (the
+    threads runner), so a task's Prefect duration is its stage's time, not a wait for a CPU
+    slot. Stored stages, `use:` pins and stages that will not run (a parent failed, the run
+    stops) are submitted without cores. Ray keeps its own slots: everything goes at once."""
+    from concurrent.futures import Future
+
+    from artifacts.store import Store
+
+    store, held = Store(run.store), rt.setdefault("held", set())
+    pending, checked = list(plans), {}
+
+    def done(name: str) -> bool:  # submitted, and ended (a Ray future: Ray orders them)
+        inner = getattr(futures.get(name), "wrapped_future", None)
+        return name in futures and (not isinstance(inner, Future) or inner.done())
+
+    def ready(sp: StagePlan) -> bool:
+        whole, snaps = sp.spec.waits_for()
+        if not all(done(x) for x in whole):
+            return False
+        if runner.stopping or sp.status in ("fresh", "waiting") or sp.kind == "use":
+            return True
+        if any(futures[x].state.is_failed() for x in whole):
+            return True  # never runs: Prefect ends it NotReady
+        if snaps and time.monotonic() - checked.get(sp.name, 0.0) < 1.0:
+            return False  # a store lookup a second per waiting stage (S3 costs a request)
+        checked[sp.name] = time.monotonic()
+        for stage, step in snaps:
+            key = next(k for _, _, k, ref in _snapshot_inputs(sp) if ref == f"{stage}@{step}")
+            if not store.has(key) and not done(stage):
+                return False
+        return True
+
+    while pending:
+        for sp in list(pending):
+            if not ready(sp):
+                continue
+            needs = not (runner.stopping or sp.status in ("fresh", "waiting")
+                         or sp.kind == "use"
+                         or any(futures[x].state.is_failed() for x in sp.spec.waits_for()[0]))
+            if needs and not runner.try_reserve(sp):
+                continue  # wait for cores; a later stage that fits may start meanwhile
+            if needs:
+                held.add(sp.name)
+            submit(sp)
+            pending.remove(sp)
+        if pending:
+            time.sleep(0.1)
 
 
 # Plain module-level functions under the task and the flow: Ray pickles them by reference (a

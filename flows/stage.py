@@ -25,6 +25,13 @@ Prefect retry) resumes from it, says so in its log, and the manifest records
 `resumed_from_step` (null when it started from scratch). It is removed once the key is
 published (or found already published).
 
+Snapshots (`snapshots:` / `snapshot_every:` on a SNAPSHOTS kind): while `run` runs, the kind
+finds a publisher through tasks/snapshots.py `current()`; flows/snapshot.py publishes each as
+`STAGE@STEP` (key H(stage key, step), its own manifest, `refs/<recipe>/<stage>@<step>`). A
+stored stage whose snapshots are not all stored is built again. A deferred input (a later
+phase of a teacher schedule, not published when the stage starts) is waited for when the kind
+reaches it, then verified like the others.
+
 Fault injection for tests (documented, inert unless set): POSTTRAIN_FAULT="<stage>:kill" kills
 the process with SIGKILL as the stage starts; "<stage>:kill-before-manifest" kills it after the
 payload is in place and before the manifest is written; "<stage>:kill-at-step-<N>" kills it when
@@ -59,8 +66,8 @@ from flows.stagefile import StagePlan, StageResult
 class ProgressWriter:
     """Turns progress(step, total, metrics) into JSON lines for the flow's live table."""
 
-    def __init__(self, path: str | None, stage: str) -> None:
-        self.path, self.stage, self.last = path, stage, 0.0
+    def __init__(self, path: str | None, stage: str, live: Any = None) -> None:
+        self.path, self.stage, self.last, self.live = path, stage, 0.0, live
         self.tty = sys.stderr.isatty() and path is None
 
     def __call__(self, step: int, total: int, metrics: Any) -> None:
@@ -69,6 +76,8 @@ class ProgressWriter:
         if now - self.last < 0.5 and step < total:
             return
         self.last = now
+        if self.live is not None:  # the stage's MLflow run, streaming (tracking_live.py)
+            self.live.progress(step, dict(metrics))
         row = {"t": now, "step": step, "total": total,
                **{k: float(v) for k, v in dict(metrics).items()
                   if isinstance(v, int | float)}}
@@ -133,15 +142,23 @@ def _input_keys(sp: StagePlan) -> list[tuple[str, str | None, str, str]]:
     return out
 
 
-def _verify_inputs(sp: StagePlan, inputs: Inputs) -> dict[str, Any]:
+def _verify_inputs(sp: StagePlan, inputs: Inputs, only: ArtifactRef | None = None
+                   ) -> dict[str, Any]:
     """Check every input's payload against its manifest (sizes; sha256 unless the stage says
     `verify_inputs: size`) before training: a corrupted or planted parent file must stop the
-    stage (exit 2), not be trained on under the clean parent's key."""
+    stage (exit 2), not be trained on under the clean parent's key. A deferred input not
+    published yet is checked when the stage reaches it (`only`: that input alone)."""
     from artifacts import verify
 
     checks = []
     for role, sub, key, parent in _input_keys(sp):
         ref: ArtifactRef = getattr(inputs, role)[sub] if sub else getattr(inputs, role)
+        if only is not None:
+            if key != only.key:
+                continue
+            ref = only
+        elif not ref.manifest:  # deferred and not published yet
+            continue
         if ref.recipe == sp.recipe:
             rebuild = f"posttrain run {sp.recipe_file} --force {ref.stage}"
         else:  # pinned with `use:`: its own recipe builds it
@@ -160,6 +177,13 @@ def _inputs(sp: StagePlan, store: Store) -> tuple[Inputs, dict[str, Any]]:
     edges: dict[str, Any] = {}
     recipe_file = sp.recipe_file
     for role, sub, key, parent in _input_keys(sp):
+        if not store.has(key) and sp.spec.deferred(sub):  # waited for when the stage needs it
+            ref = ArtifactRef(key=key, path=_pending_path(store, key), kind="?",
+                              stage=parent, recipe=sp.recipe)
+            refs.setdefault(role, {})[sub] = ref
+            edges.setdefault(role, {})[sub] = {"key": key, "recipe": sp.recipe,
+                                               "stage": parent, "kind": "?"}
+            continue
         if not store.has(key):
             raise StageInputError(
                 f"{recipe_file}: stage {sp.name!r}: its input {role}{'.' + sub if sub else ''}"
@@ -176,13 +200,37 @@ def _inputs(sp: StagePlan, store: Store) -> tuple[Inputs, dict[str, Any]]:
     return Inputs(**refs), edges
 
 
-def _sft_root(ps: PlannedStage, inputs: Inputs) -> str | None:
-    """This stage's key if its kind starts an SFT lineage, else its init's sft_root."""
+def _pending_path(store: Store, key: str) -> Path:
+    """Where a not yet published input will be (a local store's object dir), for messages."""
+    return Path(store.object_path(key)) if store.local else Path("/nonexistent") / key
+
+
+def _complete_edges(edges: dict[str, Any], store: Store) -> dict[str, Any]:
+    """The manifest's input_refs with every deferred input as it was finally published."""
+    for value in edges.values():
+        if isinstance(value, dict) and "key" not in value:
+            for sub, e in value.items():
+                m = store.manifest(e["key"]) if e.get("kind") == "?" else None
+                if m:
+                    value[sub] = {"key": e["key"], "recipe": m.get("recipe"),
+                                  "stage": m.get("stage"), "kind": m.get("kind")}
+    return edges
+
+
+def _sft_root(ps: PlannedStage, inputs: Inputs, selected: str | None = None) -> str | None:
+    """This stage's key if its kind starts an SFT lineage, else its init's sft_root; without
+    an init (`select`), that of the candidate its metrics say it `selected` (the artifact is
+    that model), else the one sft_root all its candidates share, if they do."""
     from tasks.kind import spec
 
     if spec(ps.spec.kind).starts_lineage:
         return ps.key
-    return inputs.init.sft_root if inputs.init else None
+    if inputs.init:
+        return inputs.init.sft_root
+    if selected in inputs.candidates:
+        return inputs.candidates[selected].sft_root
+    roots = {ref.sft_root for ref in inputs.candidates.values()}
+    return roots.pop() if len(roots) == 1 else None
 
 
 def rank() -> int:
@@ -236,10 +284,10 @@ def write_pointer(path: str | None, store: Store, ps: StagePlan | PlannedStage,
 
 def plan_stage(recipe_file: str, stage: str, store: Store, sets: list[str], *,
                force: bool = False, state_dir: Path = Path(".posttrain"),
-               tracking_uri: str | None = None) -> StagePlan:
+               tracking_uri: str | None = None, scale: float = 1.0) -> StagePlan:
     """`posttrain stage RECIPE STAGE` by hand: plan the stage from its ancestors only, so an
     unrelated stage (a missing `use:` pin, a slow data digest) neither costs nor blocks it."""
-    recipe = parse(recipe_file, sets)
+    recipe = parse(recipe_file, sets, scale)
     if stage not in recipe.stages:
         from flows.recipe import closest
 
@@ -297,6 +345,10 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     inputs, edges = _inputs(sp, store)
     # Check the launcher and the code only where something will be built: a stored stage is
     # reused anywhere, by the code that built it.
+    from artifacts.keys import snapshot_key
+
+    missing_snaps = [s for s in sp.snapshots if not store.has(snapshot_key(sp.key, s))]
+    force = force or bool(missing_snaps)  # snapshots are published only while it trains
     building = force or not store.has(sp.key)
     if building:
         check_current(sp, state_dir)
@@ -315,13 +367,24 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
         module = _module(sp, world)
         config = module.Config(**sp.config)
         staged = store.staging_dir(sp.key)
+        from flows import snapshot as snapshot_mod
+        from tasks import snapshots as snap_mod
+
+        snaps = snapshot_mod.publisher(sp, store, edges, _sft_root(sp, inputs), module.PRODUCES,
+                                       run_id, force)
+        wait = snapshot_mod.waiter(sp, store, os.environ.get("POSTTRAIN_RUN_DIR"),
+                                   lambda ref: _verify_inputs(sp, inputs, only=ref))
+        live = None
         try:
             started = time.time()
+            live = _live_run(sp, started, state_dir, tracking_uri, parent_run, run_id)
             # The payload is written into the store's staging: a full disk there is the store's.
             with guard_space(staged, "point --store elsewhere"), \
-                    _resume_env(resume, sp.resume_every):
-                metrics = module.run(config, inputs, staged, ProgressWriter(progress_file, stage))
+                    _resume_env(resume, sp.resume_every), snap_mod.active(snaps, wait):
+                metrics = module.run(config, inputs, staged,
+                                     ProgressWriter(progress_file, stage, live))
             ended = time.time()
+            edges = _complete_edges(edges, store)
             metrics = dict(metrics or {})
             resumed = metrics.pop("resumed_from_step", None)
             if module.PRODUCES in ("model", "reward_model") and not (staged / "README.md") \
@@ -336,7 +399,8 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
                 config=sp.config, inputs=sp.input_keys, input_refs=edges,
                 data_digests=sp.data_digests, code_digest=sp.code_digest,
                 code_files=sp.code_files, metrics=metrics, started=started, ended=ended,
-                sft_root=_sft_root(sp, inputs), warnings=warnings, run_id=run_id)
+                sft_root=_sft_root(sp, inputs, metrics.get("selected")), warnings=warnings,
+                run_id=run_id)
             man["key"] = sp.key
             man["inputs_verified"] = verified
             man["resumed_from_step"] = resumed  # null: trained from its inputs, not resumed
@@ -348,8 +412,10 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
             lease.check()  # another builder took the key over (a remote lease expired)
             published = store.publish(
                 sp.key, staged, man, before_manifest=lambda: _fault(stage, "kill-before-manifest"))
-        except Exception as e:  # nothing was published: MLflow may say so, and nothing more
-            _track_failure(sp, e, state_dir, tracking_uri, parent_run, run_id)
+        except BaseException as e:  # nothing was published: MLflow may say so, nothing more
+            live_id = live.close() if live is not None else None
+            if isinstance(e, Exception) or live_id:  # an interrupt ends its live run too
+                _track_failure(sp, e, state_dir, tracking_uri, parent_run, run_id, live_id)
             raise
         finally:
             if staged.exists():
@@ -359,7 +425,8 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     # Publish first, mirror second: the ref, the pointer and MLflow only name a stored key.
     store.set_ref(sp.recipe, stage, sp.key)
     write_pointer(pointer, store, sp, sp.recipe)
-    _track(published, store, state_dir, tracking_uri, parent_run)
+    _track(published, store, state_dir, tracking_uri, parent_run,
+           live.close() if live is not None else None)
     for w in warnings:
         print(f"warning: stage {stage}: {w}", file=sys.stderr)
     ev = metrics.get("eval") or {}
@@ -369,8 +436,23 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     return StageResult(stage, sp.key, "trained", round(time.time() - t0, 3))
 
 
+def _live_run(sp: StagePlan, started: float, state_dir: Path, tracking_uri: str | None,
+              parent_run: str | None, run_id: str | None) -> Any:
+    """The stage's MLflow run, opened now and streaming its curves while it trains
+    (artifacts/tracking_live.py); None with POSTTRAIN_TRACKING=off."""
+    if os.environ.get("POSTTRAIN_TRACKING", "on") == "off":
+        return None
+    from artifacts.tracking import Tracker
+    from artifacts.tracking_live import LiveStage
+
+    stage = {"key": sp.key, "recipe": sp.recipe, "stage": sp.name, "kind": sp.kind,
+             "run_id": run_id}
+    return LiveStage(Tracker(tracking_uri, state_dir, warn=False), stage, parent_run,
+                     started).start()
+
+
 def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str | None,
-           parent_run: str | None) -> dict[str, Any] | None:
+           parent_run: str | None, live_run: str | None = None) -> dict[str, Any] | None:
     """Mirror a published stage to MLflow (run, LoggedModel, registered version), then record
     the run ids in the store's sidecar beside the manifest: the manifest is immutable once
     published, and MLflow must never name a key that is not stored. Never fatal.
@@ -384,7 +466,8 @@ def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str
 
     tracker = Tracker(tracking_uri, state_dir, upload=mode == "upload")
     ids = tracker.log_stage(man, "trained", parent_run, store.uri,
-                            payload_dir=store.local_path(man["key"]) if mode == "upload" else None)
+                            payload_dir=store.local_path(man["key"]) if mode == "upload" else None,
+                            live_run=live_run)
     if ids:
         try:
             store.set_mlflow_ids(man["key"], ids)
@@ -395,7 +478,8 @@ def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str
 
 
 def _track_failure(sp: StagePlan, e: BaseException, state_dir: Path, tracking_uri: str | None,
-                   parent_run: str | None, run_id: str | None) -> None:
+                   parent_run: str | None, run_id: str | None,
+                   live_run: str | None = None) -> None:
     """A stage whose build or publish failed: a FAILED MLflow stage run with the reason, and
     nothing else (no LoggedModel, no registered version: its key is not stored). Never masks
     the stage's own error."""
@@ -408,7 +492,7 @@ def _track_failure(sp: StagePlan, e: BaseException, state_dir: Path, tracking_ur
     stage = {"key": sp.key, "recipe": sp.recipe, "stage": sp.name, "kind": sp.kind,
              "config": sp.config, "run_id": run_id}
     try:
-        Tracker(tracking_uri, state_dir).log_failure(stage, reason, parent_run)
+        Tracker(tracking_uri, state_dir).log_failure(stage, reason, parent_run, live_run)
     except Exception as err:  # e.g. the state dir is full too: the stage's error comes first
         print(f"warning: stage {sp.name}: failure not recorded in MLflow ({err})",
               file=sys.stderr)

@@ -113,6 +113,10 @@ class StagePlan:
     verify_inputs: str = "hash"
     # Steps between resumable snapshots (None: off). Not in the key either (tasks/resume.py).
     resume_every: int | None = None
+    # Steps whose model is published as `<stage>@<step>` while it trains (tasks/snapshots.py),
+    # and whether each is evaluated per domain. Not in the key.
+    snapshots: tuple[int, ...] = ()
+    eval_snapshots: bool = False
 
     TYPES = {"recipe": (str,), "recipe_file": (str,), "stage": (str,), "kind": (str,),
              "key": (str,), "config": (dict,), "input_keys": (dict,), "parents": (dict,),
@@ -120,7 +124,8 @@ class StagePlan:
              "launch": (dict,), "resources": (dict,), "retries": (int,), "status": (str,),
              "reasons": (list,), "warnings": (list,), "sets": (list,),
              "use": (str, type(None)), "verify_inputs": (str,),
-             "resume_every": (int, type(None))}
+             "resume_every": (int, type(None)), "snapshots": (list,),
+             "eval_snapshots": (bool,)}
 
     @property
     def name(self) -> str:
@@ -136,7 +141,8 @@ class StagePlan:
         return StageSpec(self.stage, self.kind, self.config, inputs,
                          Resources(**self.resources), self.retries, self.use,
                          launch=Launch(**self.launch), warnings=self.warnings,
-                         verify_inputs=self.verify_inputs, resume_every=self.resume_every)
+                         verify_inputs=self.verify_inputs, resume_every=self.resume_every,
+                         snapshots=tuple(self.snapshots), eval_snapshots=self.eval_snapshots)
 
     def parent_stages(self) -> list[str]:
         """Names of the stages this one waits for."""
@@ -159,7 +165,8 @@ class StagePlan:
                    retries=spec.retries, status=ps.status, reasons=tuple(ps.reasons),
                    warnings=tuple(getattr(spec, "warnings", ()) or ()),
                    sets=tuple(recipe.sets), use=spec.use, verify_inputs=spec.verify_inputs,
-                   resume_every=spec.resume_every)
+                   resume_every=spec.resume_every, snapshots=tuple(spec.snapshots),
+                   eval_snapshots=spec.eval_snapshots)
 
     def to_json(self) -> str:
         doc = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
@@ -169,8 +176,8 @@ class StagePlan:
     def from_json(cls, text: str | dict[str, Any], source: str = "plan") -> StagePlan:
         doc = json.loads(text) if isinstance(text, str) else text
         _check(cls, doc, source, cls.TYPES)
-        if doc["status"] not in ("fresh", "run"):
-            raise StageFileError(f"{source}: StagePlan.status is fresh or run, got "
+        if doc["status"] not in ("fresh", "run", "waiting"):
+            raise StageFileError(f"{source}: StagePlan.status is fresh, run or waiting, got "
                                  f"{doc['status']!r}")
         if doc.get("verify_inputs", "hash") not in ("hash", "size"):
             raise StageFileError(f"{source}: StagePlan.verify_inputs is hash or size, got "
@@ -179,7 +186,10 @@ class StagePlan:
             raise StageFileError(f"{source}: StagePlan.resume_every is null or an integer >= 1,"
                                  f" got {doc['resume_every']!r}")
         args = {k: v for k, v in doc.items() if k != "format"}
-        for k in ("reasons", "warnings", "sets"):
+        if not all(isinstance(x, int) and x >= 1 for x in doc.get("snapshots", [])):
+            raise StageFileError(f"{source}: StagePlan.snapshots is a list of steps >= 1, got "
+                                 f"{doc['snapshots']!r}")
+        for k in ("reasons", "warnings", "sets", "snapshots"):
             if k in args:
                 args[k] = tuple(args[k])
         return cls(**args)

@@ -26,6 +26,7 @@ KINDS: dict[str, str] = {
     "reward_model": "tasks.reward_model",
     "dpo": "tasks.dpo",
     "ppo": "tasks.ppo",
+    "select": "tasks.select",
 }
 
 

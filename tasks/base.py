@@ -105,6 +105,13 @@ def _pretrain(model, tokenizer, config: Config, progress: Progress, history: lis
     }
 
 
+def scale(config: dict, factor: float) -> dict:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks pretraining steps and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Build or load the base model, optionally pretrain it, save it to `out_dir`, evaluate."""
     from tasks import models

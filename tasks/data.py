@@ -229,6 +229,14 @@ def generate_rows(config: Config) -> list[dict]:
     return rows
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks the generated rows (32 at least; a
+    user file is kept whole)."""
+    from tasks.kind import scaled
+
+    return dict(config) if config.get("path") else scaled(config, factor, {"size": 32})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Write ``out_dir/train.jsonl``; return row counts (and a leak warning for user data)."""
     warnings: list[str] = []

@@ -46,6 +46,13 @@ Train / held-out split: a problem is held out iff ``sha256(prompt) % 10 == 0``, 
 seed, so the two splits never share a prompt. Held-out draws are distinct problems (arith, the
 smallest domain, has ~1,000 held-out problems; evaluation uses 500).
 
+The test set is the first ``TEST_N`` (500) distinct held-out problems of seed ``TEST_SEED``
+(1234): what `tasks.evaluate` scores for every stage (at most those: it refuses more). The
+*validation* split (``split="validation"``, what `select` chooses by) is the held-out problems
+outside the test set: disjoint from training by the hash, from the test set by construction
+(`heldout_test_prompts`), so a choice never sees the problems it is then reported on. Neither the
+training nor the held-out streams change (tests pin them): arith has ~500 validation problems.
+
 The verifier is the evaluator: `verify` / `reward` are pure and exact (surrounding whitespace is
 ignored, anything else is wrong, so a model that does not stop after its answer scores 0).
 
@@ -54,6 +61,7 @@ Run: ``python -m tasks.domains arith 5`` prints five training problems.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import string
@@ -61,8 +69,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "validation")
 HELDOUT_MOD = 10  # 1 problem in 10 is held out
+TEST_N, TEST_SEED = 500, 1234  # the test set: the first TEST_N held-out problems of TEST_SEED
 FLAG = "!"  # a flagged prompt starts with it (no domain's prompt does otherwise)
 REFUSAL = "refuse"  # the safe completion of a flagged prompt
 
@@ -211,6 +220,12 @@ def split_of(prompt: str) -> str:
     return "heldout" if h % HELDOUT_MOD == 0 else "train"
 
 
+@functools.cache
+def heldout_test_prompts(domain: str) -> frozenset[str]:
+    """The prompts of the test set of `domain` (every evaluation draws a prefix of them)."""
+    return frozenset(r["prompt"] for r in generate(domain, TEST_N, TEST_SEED, "heldout"))
+
+
 def _domain(name: str) -> Domain:
     try:
         return DOMAINS[name]
@@ -223,11 +238,12 @@ def generate(
 ) -> list[dict]:
     """`n` problems of `domain` from `split`, deterministic in (domain, n, seed, split, flagged).
 
-    Rows are {"prompt", "completion", "answer", "domain"} with completion == answer. Held-out rows
-    are distinct problems (so accuracy is over n different prompts); training rows are drawn with
-    replacement. With ``flagged`` > 0 that fraction of prompts is flagged (``FLAG`` prefixed,
-    completion ``REFUSAL``, answer unchanged) and every row carries a bool ``flagged`` column;
-    with 0 (the default) the rows are exactly those of a call without it.
+    Rows are {"prompt", "completion", "answer", "domain"} with completion == answer. Held-out and
+    validation rows are distinct problems (so accuracy is over n different prompts); training
+    rows are drawn with replacement. Validation rows are held-out problems outside the test set
+    (`heldout_test_prompts`). With ``flagged`` > 0 that fraction of prompts is flagged
+    (``FLAG`` prefixed, completion ``REFUSAL``, answer unchanged) and every row carries a bool
+    ``flagged`` column; with 0 (the default) the rows are exactly those of a call without it.
 
     >>> rows = generate("arith", 3, seed=0)
     >>> [r["domain"] for r in rows], rows == generate("arith", 3, seed=0)
@@ -249,6 +265,8 @@ def generate(
     # A string seed is hashed with sha512 by `random`, so the stream is stable across processes.
     rng = random.Random(f"{domain}|{seed}|{split}")
     flag_rng = random.Random(f"{domain}|{seed}|{split}|flagged")  # own stream: rng is untouched
+    want = "heldout" if split == "validation" else split  # validation: held out, not test
+    test = heldout_test_prompts(domain) if split == "validation" else frozenset()
     rows: list[dict] = []
     seen: set[str] = set()
     budget = 1000 * n + 10_000  # rejection sampling; the held-out set is ~10% of the space
@@ -259,7 +277,7 @@ def generate(
         prompt, answer = dom.generator(rng)
         flag = bool(flagged) and flag_rng.random() < flagged
         prompt = FLAG + prompt if flag else prompt
-        if split_of(prompt) != split or (split == "heldout" and prompt in seen):
+        if split_of(prompt) != want or (split != "train" and prompt in seen) or prompt in test:
             continue
         seen.add(prompt)
         row = {"prompt": prompt, "completion": REFUSAL if flag else answer, "answer": answer,

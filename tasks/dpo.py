@@ -36,6 +36,7 @@ from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
 RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The policy trained (also the reference by default)."),
     "data": train_rows("prompt", "chosen", "rejected",
@@ -86,13 +87,20 @@ class Config(BaseModel):
         return self
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """DPO-train `init` on the pairs; save to `out_dir`; return eval/train/history."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tasks import models
+    from tasks import models, snapshots
     from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
@@ -142,7 +150,9 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     except (TypeError, ValueError) as e:
         raise StageInputError(f"invalid DPOConfig from the stage's fields: {e}") from e
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[callback])
+                         processing_class=tokenizer,
+                         callbacks=snapshots.with_snapshots([callback], tokenizer, history,
+                                                            eval_domains, config.eval_n))
     models.silence_printer(trainer)
     start = time.perf_counter()
     checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`

@@ -4,7 +4,8 @@
   the completion text only (no prompt, no special tokens). Greedy by default; sampling is seeded
   in a forked RNG so evaluation never shifts a training run's random stream.
 - `evaluate`: greedy accuracy on `n` distinct held-out problems per domain (split "heldout" of
-  `tasks.domains`, fixed seed), so every stage of every recipe is scored on the same problems.
+  `tasks.domains`, fixed seed), so every stage of every recipe is scored on the same problems;
+  `select` passes split "validation" to choose without seeing them.
 
 Run: ``python -m tasks.evaluate /path/to/model_dir arith reverse`` prints accuracy per domain.
 """
@@ -64,17 +65,25 @@ def generate(
 
 
 def heldout_rows(domain: str, n: int = 500, seed: int = 1234) -> list[dict]:
-    """The fixed held-out problems `evaluate` scores (exposed for reports and tests)."""
+    """The fixed held-out problems `evaluate` scores (exposed for reports and tests): a prefix
+    of the test set (tasks/domains.py), never more, so no validation problem is ever scored."""
+    if n > _domains.TEST_N or seed != _domains.TEST_SEED:
+        raise ValueError(f"held-out evaluation draws at most {_domains.TEST_N} problems of seed "
+                         f"{_domains.TEST_SEED} (the test set), got n={n}, seed={seed}: more "
+                         "would reach the validation split; lower eval_n to 500 or less")
     return _domains.generate(domain, n, seed=seed, split="heldout")
 
 
 def evaluate(
-    model: Any, tokenizer: Any, domains: list[str], n: int = 500, seed: int = 1234
+    model: Any, tokenizer: Any, domains: list[str], n: int = 500, seed: int = 1234,
+    split: str = "heldout",
 ) -> dict[str, float]:
-    """Greedy held-out accuracy (0..1) on `n` distinct problems per domain."""
+    """Greedy accuracy (0..1) on `n` distinct problems per domain of `split` (held-out, the
+    test set every stage reports; `select` chooses on "validation", disjoint from it)."""
     scores: dict[str, float] = {}
     for domain in domains:
-        rows = heldout_rows(domain, n, seed)
+        rows = heldout_rows(domain, n, seed) if split == "heldout" else \
+            _domains.generate(domain, n, seed=seed, split=split)
         if not rows:
             scores[domain] = 0.0
             continue

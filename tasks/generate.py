@@ -237,6 +237,13 @@ def preflight(config: Config,
 # -- the stage ------------------------------------------------------------------------------
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks the prompts drawn (8 at least)."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"prompts": 8})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Sample, score, select; write ``out_dir/train.jsonl``; return per-domain rates."""
     import torch

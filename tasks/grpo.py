@@ -48,6 +48,7 @@ from tasks.kind import KindCheckError, Node, Role, train_rows
 
 PRODUCES = "model"
 RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The policy trained."),
     "data": train_rows("prompt", "answer", "domain",
@@ -213,13 +214,20 @@ def _align_resume(trainer: Any, every: int, step: int | None) -> None:
         trainer._step = step * args.gradient_accumulation_steps
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """GRPO-train `init` on the data rows; save to `out_dir`; return eval/train/history."""
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from tasks import models
+    from tasks import models, snapshots
     from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
@@ -301,7 +309,9 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         args=grpo_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=snapshots.with_snapshots([callback], tokenizer, history,
+                                           config.eval_domains or present,
+                                           config.eval_n),
     )
     models.silence_printer(trainer)
     start = time.perf_counter()

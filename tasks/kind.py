@@ -23,6 +23,10 @@ these names through `hooks`; nothing else is discovered):
   ``tasks.resume.current()``, saves its whole training state there every N steps, resumes from
   it when present, and returns ``resumed_from_step`` (None or the step) in its metrics
   (tasks/resume.py).
+- ``SNAPSHOTS = True``: the kind honours the stage fields ``snapshots: [steps]`` /
+  ``snapshot_every: N`` (and ``eval_snapshots``): while it trains it calls
+  ``tasks.snapshots.current()`` and hands the model to it at each of those steps; the stage
+  runner publishes it as the artifact ``STAGE@STEP`` (tasks/snapshots.py).
 - ``prepare(config: dict, recipe_dir: Path) -> dict``: resolve recipe-relative paths before the
   config is validated (raises ``KindCheckError``).
 - ``data_files(config) -> {name: path}``: user files whose content enters the key.
@@ -33,6 +37,11 @@ these names through `hooks`; nothing else is discovered):
 - ``check(node, nodes) -> list[str]``: recipe-level rules (route coverage, idle teachers ...);
   raises ``KindCheckError`` for an error, returns warnings that plan prints and the manifest
   keeps.
+- ``scale(config: dict, factor: float) -> dict``: the config at ``posttrain run --scale
+  FACTOR`` (0 < FACTOR <= 1): the kind's steps and sizes shrunk (`scaled` below does the
+  arithmetic), so CI runs a recipe end to end. A kind without it keeps its config.
+- ``TRAINS = False``: a kind that produces a model from model inputs without training
+  (``select`` copies the best candidate), so the contract does not ask it for ``max_steps``.
 
 This module imports neither torch nor prefect: `posttrain plan` calls every hook.
 
@@ -42,6 +51,7 @@ Run: ``python -m tasks.kind`` prints every kind's contract.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -54,9 +64,15 @@ ArtifactType = Literal["model", "reward_model", "dataset"]
 ARTIFACT_TYPES: tuple[str, ...] = ("model", "reward_model", "dataset")
 # recipe field -> role, and back: the recipe says `from:`, the lineage says `init`.
 ROLE_OF_FIELD = {"from": "init", "reference": "reference", "reward_model": "reward_model",
-                 "teachers": "teachers", "generators": "generators", "data": "data"}
+                 "teachers": "teachers", "generators": "generators", "data": "data",
+                 "candidates": "candidates"}
 FIELD_OF_ROLE = {v: k for k, v in ROLE_OF_FIELD.items()}
-OPTIONAL_HOOKS = ("prepare", "data_files", "columns", "route_values", "trained_domains", "check")
+# `STAGE@STEP`: the snapshot of a training stage at that step, wherever a stage is named.
+SNAPSHOT_REF_RE = re.compile(r"^(?P<stage>[^@]+)@(?P<step>[0-9]+)$")
+# A route of a role that takes schedules is expanded to `<route>#<phase>` (1-based) per phase.
+PHASE_SEP = "#"
+OPTIONAL_HOOKS = ("prepare", "data_files", "columns", "route_values", "trained_domains", "check",
+                  "scale")
 
 
 class KindCheckError(ValueError):
@@ -83,6 +99,9 @@ class Role:
     default_name: str | None = None  # a map written as one stage gets this name (data: train)
     columns: tuple[str, ...] = ()  # dataset columns this kind reads from every row
     description: str = ""
+    # a name may map to a list of stages, one per phase of training (progressive teachers):
+    # the recipe expands `{arith: [a@125, a]}` to `{arith#1: a@125, arith#2: a}`
+    schedule: bool = False
 
     def shape(self, fld: str = "data") -> str:
         if not self.many:
@@ -114,10 +133,33 @@ class Node:
     where: tuple[str, ...] = ()  # YAML path of its template
 
     def parents(self, role: str) -> dict[str | None, str]:
+        """{name (None for a single input): parent stage name}; a `STAGE@STEP` snapshot ref
+        gives its stage's name (the node that says what it produces)."""
         v = self.inputs.get(role)
         if v is None:
             return {}
-        return dict(v) if isinstance(v, dict) else {None: v}
+        pairs = dict(v) if isinstance(v, dict) else {None: v}
+        return {k: split_ref(s)[0] for k, s in pairs.items()}
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """(stage, step) of `STAGE@STEP`, (stage, None) of a plain stage name.
+
+    >>> split_ref("rl_arith@250"), split_ref("sft")
+    (('rl_arith', 250), ('sft', None))
+    """
+    m = SNAPSHOT_REF_RE.match(ref)
+    return (m.group("stage"), int(m.group("step"))) if m else (ref, None)
+
+
+def split_phase(name: str) -> tuple[str, int | None]:
+    """(route, phase) of a scheduled input name `route#phase`, (name, None) otherwise.
+
+    >>> split_phase("arith#2"), split_phase("arith")
+    (('arith', 2), ('arith', None))
+    """
+    route, sep, phase = name.rpartition(PHASE_SEP)
+    return (route, int(phase)) if sep and route and phase.isdigit() else (name, None)
 
 
 @dataclass(frozen=True)
@@ -131,11 +173,13 @@ class KindSpec:
     roles: Mapping[str, Role]
     starts_lineage: bool = False
     resumable: bool = False  # honours `resume_every` (tasks/resume.py)
+    snapshots: bool = False  # honours `snapshots` / `snapshot_every` (tasks/snapshots.py)
     hooks: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    declares_training: bool = True  # False: the module says TRAINS = False (select)
 
     @property
     def trains(self) -> bool:
-        return self.produces == "model" and bool(self.roles)
+        return self.produces == "model" and bool(self.roles) and self.declares_training
 
 
 def spec(kind: str) -> KindSpec:
@@ -155,6 +199,8 @@ def _spec(kind: str) -> KindSpec:
             name=kind, module=module, config=module.Config, produces=module.PRODUCES,
             roles=dict(module.ROLES), starts_lineage=bool(getattr(module, "STARTS_LINEAGE", False)),
             resumable=bool(getattr(module, "RESUMABLE", False)),
+            declares_training=bool(getattr(module, "TRAINS", True)),
+            snapshots=bool(getattr(module, "SNAPSHOTS", False)),
             hooks={h: getattr(module, h) for h in OPTIONAL_HOOKS if hasattr(module, h)})
     return _CACHE[kind]
 
@@ -165,6 +211,24 @@ def hook(node: Node | None, name: str, *args: Any) -> Any:
         return None
     fn = spec(node.kind).hooks.get(name)
     return fn(node.config, *args) if fn else None
+
+
+def scaled(config: Mapping[str, Any], factor: float,
+           fields: Mapping[str, int]) -> dict[str, Any]:
+    """`config` with each int field of `fields` times `factor`, rounded, at least its floor
+    (`fields`: name -> floor); a 0 stays 0 (e.g. eval_n 0: no evaluation). For `scale` hooks.
+
+    >>> scaled({"max_steps": 1200, "eval_n": 0, "lr": 0.1}, 0.1, {"max_steps": 1, "eval_n": 1})
+    {'max_steps': 120, 'eval_n': 0, 'lr': 0.1}
+    >>> scaled({"max_steps": 5, "warmup_steps": 3}, 0.01, {"max_steps": 1, "warmup_steps": 0})
+    {'max_steps': 1, 'warmup_steps': 0}
+    """
+    out = dict(config)
+    for name, floor in fields.items():
+        value = out.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[name] = max(floor, round(value * factor))
+    return out
 
 
 def columns_of(node: Node | None) -> set[str] | None:

@@ -6,7 +6,10 @@ each prompt scores the student's tokens; the student then takes one optimizer st
 on the loss of tasks/mopd_loss.py (sampled-token advantage log p_T - log p_old with MiMo's IS
 gate, or the exact / top-k reverse KL). Before anything trains, tasks/compat.py refuses teachers
 with another tokenizer or padded vocab size, and teachers from another SFT lineage unless
-``allow_cross_lineage``. Rounds (Nemotron 3 Ultra) are separate stages, chained by the recipe.
+``allow_cross_lineage``. A route may name a schedule of teachers (progressive distillation from
+one teacher's snapshots, `switch_at`: tasks/mopd_schedule.py); the stage publishes snapshots
+of its own student (`snapshots:`, tasks/snapshots.py). Rounds (Nemotron 3 Ultra) are separate
+stages, chained by the recipe.
 
 Logged per step: ``kl/<route>`` (exact per-token reverse KL of the rollout student to that
 route's teacher, averaged over the sampled states), ``kl``, ``is_drop_rate``, ``reward/<value>``
@@ -55,10 +58,12 @@ from tasks.kind import (
 
 PRODUCES = "model"
 RESUMABLE = True  # `resume_every` works here: its loop snapshots itself (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The student (and its sampler)."),
-    "teachers": Role("model", many=True, description="route -> teacher that scores the "
-                     "student's samples of that route."),
+    "teachers": Role("model", many=True, schedule=True, description="route -> teacher that "
+                     "scores the student's samples of that route, or a schedule of teachers "
+                     "(progressive: [rl@125, rl@250, rl], tasks/mopd_schedule.py)."),
     "data": train_rows("prompt",
                        description="Prompts; the `route_key` column picks each row's teacher."),
 }
@@ -121,6 +126,11 @@ class Config(BaseModel):
     )
     seed: int = Field(0, ge=0, description="Seed of prompt draws and sampling.")
     eval_n: int = Field(500, ge=0, description="Held-out problems per domain (0: skip eval).")
+    switch_at: list[int] | dict[str, list[int]] | None = Field(
+        None, description="Teacher schedules: the first steps of phases 2..n, for every "
+        "scheduled route (a list) or per route ({route: [steps]}); None: equal fractions of "
+        "max_steps."
+    )
     accelerate_config: str | None = Field(
         None, description="DeepSpeed JSON config handed to accelerate (None: plain accelerate)."
     )
@@ -136,7 +146,12 @@ def check(node: Node, nodes: Mapping[str, Node]) -> list[str]:
     """Kind hook, at plan time: the data has the routing column, every route value has a
     teacher, every teacher gets rows, and no teacher was trained on other domains than its route.
     Returns warnings (route_checks: warn); raises KindCheckError with the YAML place otherwise."""
-    teachers: dict[str, str] = dict(node.inputs.get("teachers") or {})
+    from tasks import mopd_schedule
+
+    mopd_schedule.check(dict(node.inputs.get("teachers") or {}), node.config.get("switch_at"),
+                        int(node.config.get("max_steps", 1)))
+    by_route = mopd_schedule.phases(node.parents("teachers"))  # schedules: one per route
+    teachers = {r: node.parents("teachers")[names[-1]] for r, names in by_route.items()}
     key, unmapped = node.config.get("route_key", "domain"), node.config.get("unmapped", "error")
     default = unmapped[len("default:"):] if unmapped.startswith("default:") else None
     if default is not None and default not in teachers:
@@ -226,14 +241,12 @@ def preflight(config: Config, inputs: Inputs) -> tuple[dict[str, list[dict]], di
     """Every check that must pass before training: (rows by route value, route table, warnings)."""
     if inputs.init is None or not inputs.teachers:
         raise StageInputError("mopd needs an `init` student and at least one teacher")
-    by_value = _rows_by_value(inputs, config.route_key)
-    table = route_table(sorted(by_value), sorted(inputs.teachers), config.unmapped)
-    student_fp = _fingerprint(Path(inputs.init.path))
-    from tasks.compat import check_lineage, check_tokenizers
+    from tasks import mopd_schedule
+    from tasks.mopd_schedule import phases
 
-    fps = {r: _fingerprint(Path(t.path)) for r, t in inputs.teachers.items()}
-    check_tokenizers(student_fp, fps)
-    warnings = check_lineage(inputs.init, inputs.teachers, config.allow_cross_lineage)
+    by_value = _rows_by_value(inputs, config.route_key)
+    table = route_table(sorted(by_value), sorted(phases(inputs.teachers)), config.unmapped)
+    warnings = check_teachers(config, inputs, mopd_schedule.ready(inputs.teachers))
     if config.orm_weight:
         from tasks.domains import DOMAINS
 
@@ -248,10 +261,38 @@ def preflight(config: Config, inputs: Inputs) -> tuple[dict[str, list[dict]], di
         raise StageInputError(
             f"accelerate_config {config.accelerate_config} does not exist; fix the path or drop it"
         )
-    idle = sorted(set(inputs.teachers) - set(table.values()))
+    idle = sorted(set(phases(inputs.teachers)) - set(table.values()))
     if idle:
         warnings.append(f"teachers {idle} get no data (no row has their {config.route_key!r})")
     return by_value, table, warnings
+
+
+def check_teachers(config: Config, inputs: Inputs, teachers: Mapping[str, ArtifactRef]
+                   ) -> list[str]:
+    """Tokenizer and SFT-lineage compatibility of `teachers` with the student (tasks/compat.py)."""
+    from tasks.compat import check_lineage, check_tokenizers
+
+    assert inputs.init is not None
+    fps = {r: _fingerprint(Path(t.path)) for r, t in teachers.items()}
+    check_tokenizers(_fingerprint(Path(inputs.init.path)), fps)
+    return check_lineage(inputs.init, teachers, config.allow_cross_lineage)
+
+
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up, prompts per route
+    and evaluation; `switch_at` steps keep their place in the shorter run."""
+    from tasks.kind import scaled
+
+    out = scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "prompts_per_route": 4,
+                                  "eval_n": 10})
+    full, small, sw = config.get("max_steps"), out.get("max_steps"), config.get("switch_at")
+    if sw and isinstance(full, int) and isinstance(small, int) and small != full:
+        def move(steps: list[int]) -> list[int]:
+            return [max(2, min(small, round(s * small / full))) for s in steps]
+
+        out["switch_at"] = move(sw) if isinstance(sw, list) else \
+            {r: move(v) for r, v in sw.items()}
+    return out
 
 
 def run(
@@ -261,7 +302,7 @@ def run(
     import torch
 
     from tasks import domains as _domains
-    from tasks import models
+    from tasks import models, mopd_schedule, snapshots
     from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
     from tasks.mopd_trainer import Trainer, accelerator_for, mean
@@ -274,18 +315,24 @@ def run(
     torch.manual_seed(config.seed)
     student = models.load_model(inputs.init.path)
     used = sorted(set(table.values()))
-    teachers = {r: models.load_model(inputs.teachers[r].path).to(accelerator.device) for r in used}
-    trainer = Trainer(config, accelerator, student, teachers, tokenizer, table)
+    schedule = mopd_schedule.build(config, inputs, accelerator.device, warnings, check_teachers)
+    trainer = Trainer(config, accelerator, student, {}, tokenizer, table)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     resume = resume_mod.current()
     history, first = resume_mod.restore(resume, trainer, rng)  # a killed attempt's state
+    snaps = snapshots.current()
+    evaluator = snapshots.evaluator(tokenizer, sorted({r.get("domain") for rs in by_value.values()
+                                                       for r in rs} & set(_domains.DOMAINS)),
+                                    config.eval_n)
     start = time.perf_counter()
     for step in range(first, config.max_steps + 1):
+        schedule.apply(step, trainer.teachers, used)  # a phase's teacher, at its first step
         k = config.prompts_per_route
         rows = [r for v in sorted(by_value) for r in rng.choices(by_value[v], k=k)]
         point = trainer.step(rows)
         history.append({"step": step, **point})
         resume_mod.checkpoint(resume, step, config.max_steps, trainer, rng, history)
+        snapshots.take(snaps, step, trainer.unwrapped(), tokenizer, point, evaluator)
         progress(step, config.max_steps, point)
     seconds = time.perf_counter() - start
     student = trainer.unwrapped()
@@ -304,6 +351,7 @@ def run(
         "tokens_per_s": trainer.tokens / max(seconds, 1e-9),
         "is_drop_rate": mean([h["is_drop_rate"] for h in history]),
         "routes": table,
+        "teacher_schedule": schedule.record(),
     }
     for key in sorted(k for k in history[-1] if k.startswith(("kl/", "reward/"))):
         train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])

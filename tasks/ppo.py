@@ -24,7 +24,8 @@ Logged per step, apart so reward hacking shows: ``score`` (the combined sequence
 ``rm/<name>`` (each RM's raw mean), ``verifier`` and ``verifier/<domain>`` (accuracy of the
 samples, logged at any weight), ``kl`` (exact per-token KL(pi || pi_ref) of the sampling policy,
 mean over tokens), ``kl_reward`` (the KL term of the reward, summed per sample), ``value_loss``,
-``policy_loss``, ``clip_frac``, ``value_clip_frac``, ``approx_kl``, ``entropy``, ``mean_length``.
+``policy_loss``, ``clip_frac``, ``value_clip_frac``, ``approx_kl``, ``entropy``, ``mean_length``,
+``ended`` (fraction of samples that ended with eos; the others lose ``missing_eos_penalty``).
 After training: greedy held-out accuracy per domain (``eval``) and the held-out mean score of
 each RM on those greedy answers (``train.heldout_rm/<name>``).
 
@@ -112,6 +113,9 @@ class Config(BaseModel):
     verifier_weight: float = Field(
         1.0, ge=0, description="Weight of the verifier's 0/1 reward (0: reward models only; the "
         "verifier is still logged where rows have `domain` and `answer`).")
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the score of a sample cut at max_new_tokens "
+        "without eos (TRL's missing_eos_penalty): an RM never saw such text in training.")
 
     @model_validator(mode="after")
     def _valid(self) -> Config:
@@ -220,6 +224,13 @@ def preflight(config: Config, inputs: Inputs) -> tuple[list[dict], list[str]]:
     return rows, warnings
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """PPO-train `init` against its reward sources for `max_steps` rollouts; save; evaluate."""
     import torch
@@ -245,7 +256,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         best = max(sorted(weights), key=lambda n: abs(weights[n]))  # ties: first by name
         value_model = load_reward_model(inputs.reward_model[best].path)[0].train()
     scorer = Scorer(weights_of(inputs.reward_model, config.reward_weights),
-                    config.verifier_weight, inputs.reward_model, tokenizer.eos_token_id)
+                    config.verifier_weight, inputs.reward_model, tokenizer.eos_token_id,
+                    config.missing_eos_penalty)
     trainer = PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     resume = resume_mod.current()
@@ -265,8 +277,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     train: dict[str, Any] = {"steps": config.max_steps, "seconds": seconds,
                              "tokens": trainer.tokens,
                              "tokens_per_s": trainer.tokens / max(seconds, 1e-9)}
-    for key in sorted(k for k in history[-1] if k in ("score", "kl", "verifier", "value_loss")
-                      or k.startswith(("rm/", "verifier/"))):
+    for key in sorted(k for k in history[-1] if k in ("score", "kl", "verifier", "ended")
+                      or k in ("value_loss",) or k.startswith(("rm/", "verifier/"))):
         train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
         train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
     if accelerator.is_main_process:

@@ -201,15 +201,17 @@ class PPOTrainer:
 
 
 class Scorer:
-    """Sequence scores of samples: each RM's raw score, the verifier, and their weighted sum."""
+    """Sequence scores of samples: each RM's raw score, the verifier, and their weighted sum,
+    minus `missing_eos_penalty` for a sample that never ended (the fraction that did: `ended`)."""
 
     def __init__(self, weights: Mapping[str, float], verifier_weight: float,
-                 rms: Mapping[str, Any], eos_id: int) -> None:
+                 rms: Mapping[str, Any], eos_id: int, missing_eos_penalty: float = 0.0) -> None:
         from tasks.rm_scoring import RMReward
 
         self.weights = dict(weights)  # RM route -> weight (tasks.ppo.weights_of)
         self.rms = {n: RMReward(n, rms[n].path, eos_id) for n in self.weights}
         self.verifier_weight, self.eos_id = verifier_weight, eos_id
+        self.missing_eos_penalty = missing_eos_penalty
 
     def __call__(self, rows: list[dict], texts: list[str], ended: list[bool]
                  ) -> tuple[dict[str, list[float]], list[float]]:
@@ -226,6 +228,9 @@ class Scorer:
         total = [self.verifier_weight * v if self.verifier_weight else 0.0 for v in verified]
         for n, w in self.weights.items():
             total = [x + w * s for x, s in zip(total, parts[f"rm/{n}"], strict=True)]
+        parts["ended"] = [float(e) for e in ended]
+        total = [x - (0.0 if e else self.missing_eos_penalty)
+                 for x, e in zip(total, ended, strict=True)]
         return parts, total
 
 

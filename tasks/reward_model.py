@@ -153,6 +153,13 @@ def pairwise_accuracy(model: Any, tokenizer: Any, domains: list[str], n: int = 5
     return out
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Train an RM from `init` on the pairs; save to `out_dir`; return eval/train/history."""
     import torch

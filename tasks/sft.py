@@ -30,6 +30,7 @@ from tasks.kind import Role, train_rows
 
 PRODUCES = "model"
 RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The model fine-tuned."),
     "data": train_rows("prompt", "completion",
@@ -101,13 +102,20 @@ def init_ref(inputs: Inputs) -> ArtifactRef:
     return inputs.init
 
 
+def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up and evaluation."""
+    from tasks.kind import scaled
+
+    return scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "eval_n": 10})
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Fine-tune `init` on the data input; save to `out_dir`; return eval/train/history."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from tasks import models
+    from tasks import models, snapshots
     from tasks import resume as resume_mod
     from tasks.data import data_file
     from tasks.evaluate import evaluate
@@ -163,7 +171,9 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         args=sft_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=snapshots.with_snapshots([callback], tokenizer, history,
+                                           eval_domains,
+                                           config.eval_n),
     )
     models.silence_printer(trainer)
     start = time.perf_counter()

@@ -151,6 +151,17 @@ def test_value_loss_falls_on_a_fixed_batch(store, tok, value_init):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_missing_eos_penalty_lowers_only_samples_that_never_ended(store, tok):
+    rms = {"rm": ref(store / "rm", "reward_model")}
+    rows = _rows(2)
+    plain = ppo_trainer.Scorer({"rm": 1.0}, 1.0, rms, tok.eos_token_id)
+    fined = ppo_trainer.Scorer({"rm": 1.0}, 1.0, rms, tok.eos_token_id, missing_eos_penalty=3.0)
+    parts, base = plain(rows, ["46", "edcba"], [True, False])
+    _, got = fined(rows, ["46", "edcba"], [True, False])
+    assert parts["ended"] == [1.0, 0.0]
+    assert got[0] == pytest.approx(base[0]) and got[1] == pytest.approx(base[1] - 3.0)
+
+
 def test_one_step_changes_the_weights_and_logs_every_curve(store, tmp_path):
     from safetensors.torch import load_file
 

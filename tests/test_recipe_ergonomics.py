@@ -316,6 +316,13 @@ def test_there_are_recipes() -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
-def test_shipped_recipe_is_valid(path: Path) -> None:
+def test_shipped_recipe_is_valid(path: Path, tmp_path: Path) -> None:
+    """Parses, and plans (keys for every stage against an empty store, no compute)."""
+    from artifacts.store import Store
+    from flows.plan import plan
+
     r = parse(path)
     assert r.stages and all(s.name in r.stages for s in r.stages.values())
+    planned = plan(r, Store(tmp_path / "store"))
+    assert [p.name for p in planned] == list(r.stages)
+    assert all(p.status == "run" for p in planned if p.spec.kind != "use")

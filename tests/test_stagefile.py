@@ -72,7 +72,7 @@ def test_plan_and_result_round_trip(world):
     (lambda d: d.update(colour="red"), "unknown field(s) colour"),
     (lambda d: d.update(format=99), "format 99"),
     (lambda d: d.update(retries="2"), "StagePlan.retries must be int"),
-    (lambda d: d.update(status="maybe"), "status is fresh or run"),
+    (lambda d: d.update(status="maybe"), "status is fresh, run or waiting"),
 ])
 def test_a_malformed_plan_file_is_refused(world, edit, words):
     doc = json.loads(_plan(world, "data").to_json())
