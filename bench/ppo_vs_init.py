@@ -19,12 +19,14 @@ calling the stage modules directly (no Prefect, no store), everything under --ou
               measured), value model initialised from the RM (InstructGPT)
 
 and prints, for init (sft/) and ppo/: greedy held-out accuracy per domain (500 problems,
-tasks.evaluate) and the RM's mean score on those greedy answers (tasks.ppo_trainer.heldout_rm), plus
+tasks.evaluate), sampled held-out accuracy (4 temperature-1 samples per problem, the distribution
+PPO optimises) and the RM's mean score on the greedy answers (tasks.ppo_trainer.heldout_rm), plus
 the RM's held-out pairwise accuracy and how well it ranks the SFT model's own samples (AUC of
 correct over wrong). Stages whose directory exists are reused (--fresh rebuilds them): pointed
 at the --out of bench/rm_accuracy.py (``--out DIR --domains arith,reverse,sort,max``), it runs
 PPO from that bench's SFT policy (sft/) against its RM (rm/, trained on `generate` pairs) on its
-prompts (data/), building nothing.
+prompts (data/), building nothing. ``--algo grpo`` trains tasks.grpo against the same RM instead;
+``--compare RUN,RUN`` only evaluates existing run directories beside sft/.
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_init.py [--out /tmp/ppo_bench] [--help]``.
 """
@@ -169,9 +171,12 @@ def rm_quality(a: argparse.Namespace) -> dict:
 
 
 def compare(a: argparse.Namespace, names: list[str]) -> dict:
-    """Greedy held-out accuracy and RM score per domain, for each model directory in `names`."""
+    """Greedy held-out accuracy and RM score per domain, for each model directory in `names`,
+    and `sampled`: the verified fraction of 4 temperature-1 samples (seeded, max_new_tokens 8,
+    as in training) per held-out problem, the distribution PPO itself optimises."""
     from tasks import models
-    from tasks.evaluate import evaluate
+    from tasks.domains import verify
+    from tasks.evaluate import evaluate, generate, heldout_rows
     from tasks.ppo_trainer import heldout_rm
 
     out, res = Path(a.out), {}
@@ -180,8 +185,24 @@ def compare(a: argparse.Namespace, names: list[str]) -> dict:
         tok, model = models.load_tokenizer(out / name), models.load_model(out / name)
         acc = evaluate(model, tok, a.domains, a.eval_n)
         rm = {d: heldout_rm(model, tok, [d], a.eval_n, rms)["rm"] for d in a.domains}
-        res[name] = {"accuracy": acc, "rm": rm}
+        sampled = {}
+        for d in a.domains:
+            rows = [r for r in heldout_rows(d, a.eval_n) for _ in range(4)]
+            got = generate(model, tok, [r["prompt"] for r in rows], 8, do_sample=True, seed=5)
+            sampled[d] = sum(verify(d, t, r["answer"]) for r, t in zip(rows, got, strict=True)
+                             ) / len(rows)
+        res[name] = {"accuracy": acc, "rm": rm, "sampled": sampled}
     return res
+
+
+def table(a: argparse.Namespace, res: dict, names: list[str]) -> None:
+    """Per-domain rows of `compare`'s result: accuracy (greedy), sampled accuracy, RM score."""
+    print(f"{'':<30}" + "".join(f"{d:>10}" for d in a.domains) + f"{'mean':>10}")
+    for what in ("accuracy", "sampled", "rm"):
+        for name in names:
+            vals = [res[name][what][d] for d in a.domains]
+            print(f"{what + ' ' + ('init' if name == 'sft' else name):<30}"
+                  + "".join(f"{v:>10.3f}" for v in vals) + f"{sum(vals) / len(vals):>10.3f}")
 
 
 def main() -> None:
@@ -204,6 +225,8 @@ def main() -> None:
     p.add_argument("--name", default="ppo", help="directory (under --out) of this PPO run")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare", default="", help="only evaluate these existing run directories "
+                   "(comma-separated, under --out) beside sft/; no training")
     p.add_argument("--fresh", default="", help="stages to rebuild: data,sft,sft_rm,pairs,rm (ppo "
                    "always runs)")
     a = p.parse_args()
@@ -217,6 +240,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     models.quiet()
     out = Path(a.out)
+    if a.compare:
+        names = ["sft", *a.compare.split(",")]
+        res = compare(a, names)
+        table(a, res, names)
+        (out / "results_compare.json").write_text(json.dumps(res, indent=1))
+        return
     secs = build(a)
     quality = rm_quality(a)
     print("rm:", json.dumps(quality))
@@ -238,12 +267,7 @@ def main() -> None:
     secs[a.algo] = time.perf_counter() - t
     res = compare(a, ["sft", a.name])
     print(f"\n{a.algo} config: {cfg.model_dump_json()}")
-    print(f"{'':<22}" + "".join(f"{d:>10}" for d in a.domains) + f"{'mean':>10}")
-    for what in ("accuracy", "rm"):
-        for name in ("sft", a.name):
-            vals = [res[name][what][d] for d in a.domains]
-            print(f"{what + ' ' + ('init' if name == 'sft' else a.algo):<22}"
-                  + "".join(f"{v:>10.3f}" for v in vals) + f"{sum(vals) / len(vals):>10.3f}")
+    table(a, res, ["sft", a.name])
     train = metrics["train"]
     print(f"sampled (first vs last tenth of {a.algo} steps): " + " ".join(
         f"{k}={train[k]:.3f}" for k in sorted(train) if k.endswith(("/first", "/last"))))

@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--data-size", type=int, default=20_000, help="prompt rows in data/")
     p.add_argument("--pairs-prompts", type=int, default=20_000, help="prompts sampled for pairs")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
-    p.add_argument("--rm-steps", type=int, default=600)
+    p.add_argument("--rm-steps", type=int, default=1200)
     p.add_argument("--rm-lr", type=float, default=1e-3)
     p.add_argument("--rm-batch", type=int, default=32)
     p.add_argument("--eval-n", type=int, default=500)
