@@ -284,8 +284,9 @@ def _exit_code(results: list[Any], planned: list[Any], run_dir: Path) -> int:
             child = None
         if child is not None and child.status == "failed" and child.user_error:
             user += 1
-        elif child is None and any(p in failed for p in parents.get(name, ())):
-            continue  # not run: an upstream stage failed
+        elif (child is None or (child.error or "").startswith("not run")) \
+                and any(p in failed for p in parents.get(name, ())):
+            continue  # not run: an upstream stage failed (its file is for pipelined readers)
         else:
             return 1
     return 2 if user else 0 if not failed else 1
