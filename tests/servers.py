@@ -1,9 +1,10 @@
 """Real servers on 127.0.0.1 for tests, each stopped by the context that started it:
 `s3_server` (moto in server mode, PyPI `moto[server]`: one bucket, and the environment that
 points boto / s3fs at it, `AWS_ENDPOINT_URL` and dummy credentials) and `mlflow_server`
-(`mlflow server` over a fresh SQLite file).
+(`mlflow server` over a fresh SQLite file), and `posttrain_ui` (`posttrain ui` over a state dir).
 
-Run: used by tests/test_s3_store.py, tests/test_cluster_slow.py, tests/test_ecosystem.py.
+Run: used by tests/test_s3_store.py, tests/test_cluster_slow.py, tests/test_ecosystem.py,
+tests/test_ui_slow.py, tests/test_browser_slow.py.
 """
 
 from __future__ import annotations
@@ -97,3 +98,30 @@ def mlflow_server(tmp: Path) -> Iterator[str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def posttrain_ui(state: Path, cwd: Path) -> Iterator[tuple[dict, dict[str, str]]]:
+    """`posttrain ui --state-dir STATE` on free loopback ports, with no PREFECT_API_URL /
+    PREFECT_HOME / MLFLOW_TRACKING_URI of the caller's; yield (ui.json's info, that env) once
+    both servers are up. On exit Ctrl-C stops it: it must end with 0 and remove ui.json."""
+    import json
+    import signal
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--state-dir", str(state),
+                           "--prefect-port", str(free_port()), "--mlflow-port",
+                           str(free_port())], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (state / "ui.json").exists():
+            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
+            time.sleep(0.5)
+        yield json.loads((state / "ui.json").read_text()), env
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(60)
+    assert ui.returncode == 0
+    assert not (state / "ui.json").exists()

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.servers import free_port
+from tests.servers import posttrain_ui
 
 pytestmark = pytest.mark.slow
 POSTTRAIN = [sys.executable, "-m", "flows.cli"]
@@ -122,111 +121,104 @@ def _after(text: str, label: str) -> str:
 
 def test_both_uis_show_the_run_in_a_real_browser(tmp_path: Path, browser: Any) -> None:
     state, store = tmp_path / "state", tmp_path / "store"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
-    ui = subprocess.Popen([*POSTTRAIN, "ui", "--state-dir", str(state), "--prefect-port",
-                           str(free_port()), "--mlflow-port", str(free_port())],
-                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not (state / "ui.json").exists():
-            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
-            time.sleep(0.5)
-        info = json.loads((state / "ui.json").read_text())
-        mlflow, prefect = info["mlflow_url"], info["prefect_ui_url"]
-        recipe = tmp_path / "ui_tiny.yaml"
-        recipe.write_text(RECIPE)
-
-        def run(*extra: str) -> list[dict]:
-            p = subprocess.run([*POSTTRAIN, "run", str(recipe), "--store", str(store),
-                                "--state-dir", str(state), "--json", *extra], cwd=REPO,
-                               env=env, capture_output=True, text=True, timeout=600)
-            assert p.returncode == 0, p.stderr[-3000:]
-            return json.loads(p.stdout)
-
-        def mlflow_runs() -> list[dict]:
-            return _api(f"{mlflow}/api/2.0/mlflow/runs/search",
-                        {"experiment_ids": [eid], "max_results": 1000})["runs"]
-
-        first = run()
-        eid = _api(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name"
-                   "?experiment_name=ui_tiny")["experiment"]["experiment_id"]
-        runs = mlflow_runs()
-        children = [r for r in runs if "mlflow.parentRunId" in
-                    {t["key"] for t in r["data"].get("tags", [])}]
-        assert len(children) == 3
-        run()  # a no-op rerun: a recipe run of its own, and no child run
-        assert len([r for r in mlflow_runs() if "mlflow.parentRunId" in
-                    {t["key"] for t in r["data"].get("tags", [])}]) == 3
-        run("--force", "sft")  # data and base are reused: Cached in Prefect
-        run_ids = sorted(p.name for p in (state / "runs").iterdir())
-        first_id = run_ids[0]
-        pages = Pages(browser, state / "runs" / first_id / "screenshots")
-
-        # MLflow: the run list names the recipe run by its run id
-        pages.open(f"{mlflow}/#/experiments/{eid}/runs", "mlflow_runs",
-                   lambda t: first_id in t)
-        # the chart view plots the stages' training curves (on the recipe run: `sft/loss`)
-        pages.open(f"{mlflow}/#/experiments/{eid}/runs?compareRunsMode=CHART", "mlflow_charts",
-                   lambda t: "sft/loss" in t)
-        keys = {r["stage"]: r["key"] for r in first}
-        for stage in ("data", "base", "sft"):
-            ids = json.loads((store / "objects" / keys[stage] / "mlflow.json").read_text())
-            seconds = json.loads((store / "objects" / keys[stage] / "manifest.json")
-                                 .read_text())["timings"]["seconds"]
-            text = pages.open(f"{mlflow}/#/experiments/{eid}/runs/{ids['run_id']}",
-                              f"mlflow_run_{stage}", lambda t: "Duration" in t.splitlines())
-            shown = _seconds(_after(text, "Duration"))
-            # within 20 % (plus the display's rounding: "10.1s", "30ms")
-            assert abs(shown - seconds) <= 0.2 * seconds + 0.05, (stage, shown, seconds)
-            if stage == "data":
-                continue
-            # the LoggedModel page lists its registered version (not "Not registered")
-            text = pages.open(f"{mlflow}/#/experiments/{eid}/models/{ids['model_id']}",
-                              f"mlflow_model_{stage}",
-                              lambda t: "Model versions" in t.splitlines())
-            after = text.split("Model versions", 1)[1].splitlines()
-            assert f"ui_tiny.{stage}" in after[:4] and "v1" in after[:4], after[:6]
-            assert "Not registered" not in text
-        parent = next(r["info"]["run_id"] for r in runs if r["info"]["run_name"] == first_id)
-        pages.open(f"{mlflow}/#/experiments/{eid}/runs/{parent}/artifacts/lineage.svg",
-                   "mlflow_lineage", lambda t: "lineage.svg" in t)
-        deadline = time.monotonic() + 30
-        while not pages.images("blob:") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pages.images("blob:"), "MLflow shows no lineage picture"
-
-        # Prefect: the first flow run's page carries the stages' log lines
-        flows = _api(f"{info['prefect_api_url']}/flow_runs/filter",
-                     {"sort": "START_TIME_ASC"})
-        assert [f["name"] for f in flows][:1] == [first_id]
-        pages.open(f"{prefect}/runs/flow-run/{flows[0]['id']}", "prefect_flow_run",
-                   lambda t: "sft: eval" in t and "base: eval" in t)
-        # the forced rerun: reused stages end Cached, as the task's page shows
-        last = next(f for f in flows if f["name"] == run_ids[-1])
-        tasks = _api(f"{info['prefect_api_url']}/task_runs/filter",
-                     {"flow_runs": {"id": {"any_": [last["id"]]}}})
-        data_task = next(t for t in tasks if t["name"] == "data")
-        pages.open(f"{prefect}/runs/task-run/{data_task['id']}", "prefect_cached_task",
-                   lambda t: "Cached" in t.splitlines())
-        # the lineage artifact is a picture
-        arts = _api(f"{info['prefect_api_url']}/artifacts/filter",
-                    {"artifacts": {"key": {"any_": ["posttrain-lineage"]}}})
-        assert arts, "no posttrain-lineage artifact in Prefect"
-        pages.open(f"{prefect}/artifacts/artifact/{arts[0]['id']}", "prefect_lineage",
-                   lambda t: "posttrain-lineage" in t)
-        deadline = time.monotonic() + 30
-        while not pages.images("data:image/svg+xml") and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert pages.images("data:image/svg+xml"), "Prefect shows no lineage picture"
+        with posttrain_ui(state, REPO) as (info, env):
+            _check_both_uis(info, env, tmp_path, state, store, browser)
     finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(60)
         shots = state / "runs"
         out = Path(os.environ.get("POSTTRAIN_CI_ARTIFACTS") or REPO / ".posttrain" /
                    "ci-artifacts") / "browser"
         for png in shots.glob("*/screenshots/*.png") if shots.exists() else ():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, out / png.name)
-    assert ui.returncode == 0
+
+
+def _check_both_uis(info: dict, env: dict, tmp_path: Path, state: Path, store: Path,
+                    browser: Any) -> None:
+    """The runs, then what each page shows (the module docstring's list)."""
+    mlflow, prefect = info["mlflow_url"], info["prefect_ui_url"]
+    recipe = tmp_path / "ui_tiny.yaml"
+    recipe.write_text(RECIPE)
+
+    def run(*extra: str) -> list[dict]:
+        p = subprocess.run([*POSTTRAIN, "run", str(recipe), "--store", str(store),
+                            "--state-dir", str(state), "--json", *extra], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout)
+
+    def mlflow_runs() -> list[dict]:
+        return _api(f"{mlflow}/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [eid], "max_results": 1000})["runs"]
+
+    first = run()
+    eid = _api(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name"
+               "?experiment_name=ui_tiny")["experiment"]["experiment_id"]
+    runs = mlflow_runs()
+    children = [r for r in runs if "mlflow.parentRunId" in
+                {t["key"] for t in r["data"].get("tags", [])}]
+    assert len(children) == 3
+    run()  # a no-op rerun: a recipe run of its own, and no child run
+    assert len([r for r in mlflow_runs() if "mlflow.parentRunId" in
+                {t["key"] for t in r["data"].get("tags", [])}]) == 3
+    run("--force", "sft")  # data and base are reused: Cached in Prefect
+    run_ids = sorted(p.name for p in (state / "runs").iterdir())
+    first_id = run_ids[0]
+    pages = Pages(browser, state / "runs" / first_id / "screenshots")
+
+    # MLflow: the run list names the recipe run by its run id
+    pages.open(f"{mlflow}/#/experiments/{eid}/runs", "mlflow_runs",
+               lambda t: first_id in t)
+    # the chart view plots the stages' training curves (on the recipe run: `sft/loss`)
+    pages.open(f"{mlflow}/#/experiments/{eid}/runs?compareRunsMode=CHART", "mlflow_charts",
+               lambda t: "sft/loss" in t)
+    keys = {r["stage"]: r["key"] for r in first}
+    for stage in ("data", "base", "sft"):
+        ids = json.loads((store / "objects" / keys[stage] / "mlflow.json").read_text())
+        seconds = json.loads((store / "objects" / keys[stage] / "manifest.json")
+                             .read_text())["timings"]["seconds"]
+        text = pages.open(f"{mlflow}/#/experiments/{eid}/runs/{ids['run_id']}",
+                          f"mlflow_run_{stage}", lambda t: "Duration" in t.splitlines())
+        shown = _seconds(_after(text, "Duration"))
+        # within 20 % (plus the display's rounding: "10.1s", "30ms")
+        assert abs(shown - seconds) <= 0.2 * seconds + 0.05, (stage, shown, seconds)
+        if stage == "data":
+            continue
+        # the LoggedModel page lists its registered version (not "Not registered")
+        text = pages.open(f"{mlflow}/#/experiments/{eid}/models/{ids['model_id']}",
+                          f"mlflow_model_{stage}",
+                          lambda t: "Model versions" in t.splitlines())
+        after = text.split("Model versions", 1)[1].splitlines()
+        assert f"ui_tiny.{stage}" in after[:4] and "v1" in after[:4], after[:6]
+        assert "Not registered" not in text
+    parent = next(r["info"]["run_id"] for r in runs if r["info"]["run_name"] == first_id)
+    pages.open(f"{mlflow}/#/experiments/{eid}/runs/{parent}/artifacts/lineage.svg",
+               "mlflow_lineage", lambda t: "lineage.svg" in t)
+    deadline = time.monotonic() + 30
+    while not pages.images("blob:") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pages.images("blob:"), "MLflow shows no lineage picture"
+
+    # Prefect: the first flow run's page carries the stages' log lines
+    flows = _api(f"{info['prefect_api_url']}/flow_runs/filter",
+                 {"sort": "START_TIME_ASC"})
+    assert [f["name"] for f in flows][:1] == [first_id]
+    pages.open(f"{prefect}/runs/flow-run/{flows[0]['id']}", "prefect_flow_run",
+               lambda t: "sft: eval" in t and "base: eval" in t)
+    # the forced rerun: reused stages end Cached, as the task's page shows
+    last = next(f for f in flows if f["name"] == run_ids[-1])
+    tasks = _api(f"{info['prefect_api_url']}/task_runs/filter",
+                 {"flow_runs": {"id": {"any_": [last["id"]]}}})
+    data_task = next(t for t in tasks if t["name"] == "data")
+    pages.open(f"{prefect}/runs/task-run/{data_task['id']}", "prefect_cached_task",
+               lambda t: "Cached" in t.splitlines())
+    # the lineage artifact is a picture
+    arts = _api(f"{info['prefect_api_url']}/artifacts/filter",
+                {"artifacts": {"key": {"any_": ["posttrain-lineage"]}}})
+    assert arts, "no posttrain-lineage artifact in Prefect"
+    pages.open(f"{prefect}/artifacts/artifact/{arts[0]['id']}", "prefect_lineage",
+               lambda t: "posttrain-lineage" in t)
+    deadline = time.monotonic() + 30
+    while not pages.images("data:image/svg+xml") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pages.images("data:image/svg+xml"), "Prefect shows no lineage picture"

@@ -8,18 +8,15 @@ Run: ``.venv/bin/python -m pytest tests/test_ui_slow.py -q -m slow``
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.servers import free_port
+from tests.servers import posttrain_ui
 
 pytestmark = pytest.mark.slow
 POSTTRAIN = [sys.executable, "-m", "flows.cli"]
@@ -44,18 +41,7 @@ def _get(url: str) -> dict:
 
 def test_posttrain_ui_serves_both_uis_and_runs_record_there(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
-    ui = subprocess.Popen([*POSTTRAIN, "ui", "--state-dir", str(state), "--prefect-port",
-                           str(free_port()), "--mlflow-port", str(free_port())],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (state / "ui.json").exists():
-            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read()
-            time.sleep(0.5)
-        info = json.loads((state / "ui.json").read_text())
+    with posttrain_ui(state, REPO) as (info, env):
         assert info["prefect_ui_url"].startswith("http://127.0.0.1:")
         page = urllib.request.urlopen(info["prefect_ui_url"], timeout=10).read().decode()
         assert "<html" in page.lower()  # the Prefect UI itself is served
@@ -83,8 +69,3 @@ def test_posttrain_ui_serves_both_uis_and_runs_record_there(tmp_path: Path) -> N
         states = {t["name"]: t["state_name"] for t in _post(info, "task_runs/filter")
                   if t["state_name"] == "Cached"}
         assert "data" in states, states
-    finally:
-        ui.send_signal(signal.SIGINT)
-        ui.wait(60)
-    assert ui.returncode == 0
-    assert not (state / "ui.json").exists()
