@@ -1,8 +1,8 @@
 """Stage kind `ppo`: our own compact PPO against reward models and/or the verifier (InstructGPT).
 
 TRL 1.16 no longer ships a PPO trainer, so this is our own, on the MOPD plumbing: this module
-holds the config, the checks and `run`; the loop, the critic and the scorer are
-tasks/ppo_trainer.py, the math tasks/ppo_loss.py, sampling tasks/rollout.py.
+holds the config, the checks and `run`; the loop, the critic, the scorer and their assembly
+are tasks/ppo_trainer.py, the math tasks/ppo_loss.py, sampling tasks/rollout.py.
 
 Each step the policy (``init``) samples one completion per prompt (``prompts_per_step`` rows of
 the data, optionally filtered to ``domains``) with tasks/rollout.py's KV-cached loop. Each
@@ -28,6 +28,9 @@ mean over tokens), ``kl_reward`` (the KL term of the reward, summed per sample),
 ``ended`` (fraction of samples that ended with eos; the others lose ``missing_eos_penalty``).
 After training: greedy held-out accuracy per domain (``eval``) and the held-out mean score of
 each RM on those greedy answers (``train.heldout_rm/<name>``).
+Snapshots (``snapshots: [steps]`` / ``snapshot_every: N``, tasks/snapshots.py): the policy after
+those optimizer steps is published as ``STAGE@STEP`` (greedy held-out accuracy with
+``eval_snapshots: true``); taking one draws no random number, so the final weights are the same.
 
 Departures from InstructGPT (Ouyang et al. 2022) and its PPO (Stiennon et al. 2020): no
 pretraining-mix term (PPO-ptx); a fixed ``kl_coef``, no adaptive KL controller; one sample per
@@ -57,6 +60,7 @@ from tasks.kind import KindCheckError, Node, Role, columns_of, train_rows
 
 PRODUCES = "model"
 RESUMABLE = True  # `resume_every` works here: its loop snapshots itself (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The policy trained (and the KL reference by default)."),
     "data": train_rows("prompt", description="Prompts; the verifier also reads `domain` and "
@@ -236,11 +240,10 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     import torch
     from accelerate import Accelerator
 
-    from tasks import models
+    from tasks import models, snapshots
     from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
-    from tasks.ppo_trainer import PPOTrainer, Scorer, heldout_rm, mean
-    from tasks.rm_scoring import load_reward_model
+    from tasks.ppo_trainer import build, heldout_rm, summary
 
     rows, warnings = preflight(config, inputs)  # raises before any weight is loaded
     assert inputs.init is not None
@@ -248,39 +251,25 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     tokenizer = models.load_tokenizer(inputs.init.path)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
-    policy = models.load_model(inputs.init.path)
-    reference = models.load_model((inputs.reference or inputs.init).path)
-    value_model = None
-    if config.value_init == "reward_model":
-        weights = weights_of(inputs.reward_model, config.reward_weights)
-        best = max(sorted(weights), key=lambda n: abs(weights[n]))  # ties: first by name
-        value_model = load_reward_model(inputs.reward_model[best].path)[0].train()
-    scorer = Scorer(weights_of(inputs.reward_model, config.reward_weights),
-                    config.verifier_weight, inputs.reward_model, tokenizer.eos_token_id,
-                    config.missing_eos_penalty)
-    trainer = PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
+    trainer = build(config, inputs, accelerator, tokenizer,
+                    weights_of(inputs.reward_model, config.reward_weights))
     rng = random.Random(config.seed + accelerator.process_index)  # own prompts per process
     resume = resume_mod.current()
     history, first = resume_mod.restore(resume, trainer, rng)  # a killed attempt's state
+    present = sorted({r.get("domain") for r in rows} & set(_domains.DOMAINS))
+    snaps = snapshots.current()
+    evaluator = snapshots.evaluator(tokenizer, present, config.eval_n)
     start = time.perf_counter()
     for step in range(first, config.max_steps + 1):
         point = trainer.step(rng.choices(rows, k=config.prompts_per_step))
         history.append({"step": step, **point})
         resume_mod.checkpoint(resume, step, config.max_steps, trainer, rng, history)
+        snapshots.take(snaps, step, trainer.unwrapped().policy, tokenizer, point, evaluator)
         progress(step, config.max_steps, point)
-    seconds = time.perf_counter() - start
     policy = trainer.unwrapped().policy
     policy.eval()
-    present = sorted({r.get("domain") for r in rows} & set(_domains.DOMAINS))
     scores: dict[str, float] = {}
-    tenth = max(1, len(history) // 10)  # single steps are too noisy to compare
-    train: dict[str, Any] = {"steps": config.max_steps, "seconds": seconds,
-                             "tokens": trainer.tokens,
-                             "tokens_per_s": trainer.tokens / max(seconds, 1e-9)}
-    for key in sorted(k for k in history[-1] if k in ("score", "kl", "verifier", "ended")
-                      or k in ("value_loss",) or k.startswith(("rm/", "verifier/"))):
-        train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
-        train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
+    train = summary(history, config.max_steps, time.perf_counter() - start, trainer.tokens)
     if accelerator.is_main_process:
         models.save_model(policy, tokenizer, out_dir)
         if config.eval_n:

@@ -4,7 +4,8 @@
 one no-grad pass gives log pi_old, the values and the reference's log-probs; reward models and
 the verifier score each sample; per-token rewards, GAE) + `update` (``ppo_epochs`` passes over
 the batch in ``minibatches`` shuffled minibatches: clipped surrogate + clipped value loss, one
-optimizer step each). tasks/ppo.py owns the config, the checks and the stage's `run`.
+optimizer step each). tasks/ppo.py owns the config, the checks and the stage's `run`; `build`
+assembles the trainer from the stage's inputs, `summary` makes its ``train`` metrics.
 
 The math is tasks/ppo_loss.py. `Scorer` turns samples into sequence scores (reward models,
 verifier). `ActorCritic` is the one module the
@@ -69,6 +70,19 @@ class ActorCritic(torch.nn.Module):
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(history: list[dict], steps: int, seconds: float, tokens: int) -> dict[str, Any]:
+    """The stage's `train` metrics: steps, time, tokens, and the mean of the first and the last
+    tenth of the steps (single steps are too noisy to compare) of each reward, KL, value loss."""
+    tenth = max(1, len(history) // 10)
+    train: dict[str, Any] = {"steps": steps, "seconds": seconds, "tokens": tokens,
+                             "tokens_per_s": tokens / max(seconds, 1e-9)}
+    for key in sorted(k for k in history[-1] if k in ("score", "kl", "verifier", "ended")
+                      or k in ("value_loss",) or k.startswith(("rm/", "verifier/"))):
+        train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
+        train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
+    return train
 
 
 class PPOTrainer:
@@ -232,6 +246,24 @@ class Scorer:
         total = [x - (0.0 if e else self.missing_eos_penalty)
                  for x, e in zip(total, ended, strict=True)]
         return parts, total
+
+
+def build(config: Any, inputs: Any, accelerator: Any, tokenizer: Any,
+          weights: Mapping[str, float]) -> PPOTrainer:
+    """The trainer of stage `ppo`: the policy (`init`), its reference, its critic (value_init)
+    and the scorer of its `weights` (RM route -> weight, tasks.ppo.weights_of)."""
+    from tasks import models
+    from tasks.rm_scoring import load_reward_model
+
+    policy = models.load_model(inputs.init.path)
+    reference = models.load_model((inputs.reference or inputs.init).path)
+    value_model = None
+    if config.value_init == "reward_model":  # the RM with the largest weight; ties: first name
+        best = max(sorted(weights), key=lambda n: abs(weights[n]))
+        value_model = load_reward_model(inputs.reward_model[best].path)[0].train()
+    scorer = Scorer(weights, config.verifier_weight, inputs.reward_model,
+                    tokenizer.eos_token_id, config.missing_eos_penalty)
+    return PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
 
 
 def heldout_rm(model: Any, tokenizer: Any, domains: list[str], n: int,

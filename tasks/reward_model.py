@@ -7,7 +7,13 @@ RM reads exactly the token ids its policies write (checked again by every consum
 on the `data` input's ``prompt``/``chosen``/``rejected`` rows with the Bradley-Terry loss
 ``-log sigmoid(r(chosen) - r(rejected))`` and saves a plain HF directory that
 ``AutoModelForSequenceClassification.from_pretrained`` loads. It produces a ``reward_model``
-artifact: a policy can never start from it, only score with it (`grpo`'s ``reward_model:``).
+artifact: a policy can never start from it, only score with it (`grpo`'s and `ppo`'s
+``reward_model:``).
+
+Snapshots (``snapshots: [steps]`` / ``snapshot_every: N``, tasks/snapshots.py): the RM at those
+steps is published as ``STAGE@STEP``, the same sequence-classification directory as the final
+artifact, so ``reward_model: rm@250`` scores with it. With ``eval_snapshots: true`` each one's
+eval is the RM's own (held-out pairwise accuracy per domain, ``eval_n`` pairs), not generation.
 
 Evaluation (``metrics.eval.<domain>``): held-out pairwise accuracy, the fraction of pairs whose
 chosen text scores higher. The pairs come from the same 500 held-out problems per domain that
@@ -40,6 +46,7 @@ from tasks.kind import Role, train_rows
 
 PRODUCES = "reward_model"
 RESUMABLE = True  # `resume_every` works here: the HF Trainer checkpoints (tasks/resume.py)
+SNAPSHOTS = True  # `snapshots` / `snapshot_every`: published while it trains
 ROLES = {
     "init": Role("model", description="The causal LM whose transformer and tokenizer the RM "
                  "starts from (a fresh one-label score head is added)."),
@@ -160,6 +167,20 @@ def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
     return scaled(config, factor, {"max_steps": 1, "warmup_steps": 0, "eval_n": 10})
 
 
+def _with_snapshots(callback: Any, tokenizer: Any, history: list[dict], config: Config,
+                    domains: list[str]) -> list[Any]:
+    """`callback`, plus the snapshot taker when the stage publishes snapshots; its eval (with
+    eval_snapshots) is `pairwise_accuracy`, the RM's own, not tasks/snapshots.py's generation."""
+    from tasks import snapshots
+
+    def evaluate(model: Any) -> dict[str, float]:
+        return pairwise_accuracy(model, tokenizer, domains, config.eval_n)
+
+    use = evaluate if config.eval_n and domains else None
+    cb = snapshots.trainer_callback(snapshots.current(), tokenizer, history, use)
+    return [callback] if cb is None else [callback, cb]
+
+
 def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_progress) -> dict:
     """Train an RM from `init` on the pairs; save to `out_dir`; return eval/train/history."""
     import torch
@@ -208,7 +229,9 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     except (TypeError, ValueError) as e:
         raise StageInputError(f"invalid RewardConfig from the stage's fields: {e}") from e
     trainer = RewardTrainer(model=model, args=rm_args, train_dataset=dataset,
-                            processing_class=tokenizer, callbacks=[callback])
+                            processing_class=tokenizer,
+                            callbacks=_with_snapshots(callback, tokenizer, history, config,
+                                                      eval_domains))
     if len(trainer.train_dataset) == 0:
         raise StageInputError(f"{path}: every pair is longer than max_length "
                               f"{config.max_length} tokens; raise max_length")
