@@ -313,7 +313,12 @@ class Tracker:
                     store_uri: str, run_id: str | None, payload_dir: Any = None,
                     live_run: str | None = None) -> dict[str, Any]:
         """log_stage's work on an open client, raising on error (also what the back-fill
-        replays, so a back-filled stage looks exactly like one recorded live)."""
+        replays, so a back-filled stage looks exactly like one recorded live). A snapshot's
+        manifest gets a LoggedModel on its stage's run instead (artifacts/tracking_snapshots.py)."""
+        if m.get("snapshot"):
+            from artifacts import tracking_snapshots
+
+            return tracking_snapshots.write_backfilled(self, c, m, store_uri)
         from mlflow import entities as ml
 
         from artifacts.lineage import input_edges  # edge labels exactly as lineage shows them
@@ -359,6 +364,9 @@ class Tracker:
         else:
             metrics = m.get("metrics") or {}
             ts = int(time.time() * 1000)
+            # the final model at the last step: after its snapshots' (tracking_snapshots.py)
+            last = max([int(h.get("step", i)) for i, h in enumerate(metrics.get("history") or [])
+                        if _num(h.get("step", i))] + [0])
             rows = [ml.Metric(f"train.{k}", float(v), ts, 0)
                     for k, v in (metrics.get("train") or {}).items() if _num(v)]
             for i, h in enumerate(metrics.get("history") or []):
@@ -388,15 +396,26 @@ class Tracker:
             else:
                 model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
                 model_id = model.model_id
-                c.log_outputs(rid, [ml.LoggedModelOutput(model_id, 0)])
+                c.log_outputs(rid, [ml.LoggedModelOutput(model_id, last)])
             # Eval metrics belong to the run and to its LoggedModel (MLflow 3 model metrics).
-            _batches(c, rid, metrics=[ml.Metric(f"eval.{d}", float(v), ts, 0, model_id=model_id)
+            _batches(c, rid, metrics=[ml.Metric(f"eval.{d}", float(v), ts, last, model_id=model_id)
                                       for d, v in (metrics.get("eval") or {}).items() if _num(v)])
             if m.get("produces", "model") == "model":
                 self._register(c, m, rid, model)
         c.set_terminated(rid, "FINISHED", end_time=end)
         return {"tracking_uri": self.uri, "experiment_id": eid, "run_id": rid,
                 "model_id": model_id}
+
+    def log_snapshot(self, manifest: dict[str, Any], stage_run: str | None,
+                     store_uri: str) -> str | None:
+        """A published snapshot's LoggedModel, an output of its stage's MLflow run
+        (artifacts/tracking_snapshots.py; never registered). Its id; None when MLflow is down
+        (queued as `log_snapshot`)."""
+        from artifacts import tracking_snapshots as ts
+
+        run_id = self._run[1] if self._run else manifest.get("run_id")
+        return self._safe(ts.op(manifest, store_uri, run_id, stage_run),
+                          lambda c: ts.write_snapshot(self, c, manifest, stage_run, store_uri))
 
     def log_reused(self, parent_run_id: str | None, manifests: list[dict[str, Any]]) -> None:
         """Stages this run reused, recorded on the parent run itself (no child runs: a no-op
@@ -460,8 +479,9 @@ class Tracker:
         c.set_terminated(rid, "FAILED")
         return rid
 
-    def _logged_model(self, c: Any, eid: str, rid: str, m: dict[str, Any], store_uri: str,
-                      payload_dir: Any) -> Any:
+    def _logged_model(self, c: Any, eid: str, rid: str | None, m: dict[str, Any],
+                      store_uri: str, payload_dir: Any,
+                      extra_tags: dict[str, str] | None = None) -> Any:
         """An external LoggedModel: the weights stay in the store (copied only if upload)."""
         from mlflow.models.model import MLMODEL_FILE_NAME
         from mlflow.models.utils import get_external_mlflow_model_spec
@@ -470,7 +490,8 @@ class Tracker:
         tags = {"posttrain.key": m["key"], "posttrain.stage": m.get("stage"),
                 "posttrain.recipe": m.get("recipe"), "posttrain.kind": m.get("kind"),
                 "posttrain.store": store_uri, "posttrain.path": path,
-                "mlflow.model.isExternal": "true", "posttrain.uploaded": str(self.upload).lower()}
+                "mlflow.model.isExternal": "true", "posttrain.uploaded": str(self.upload).lower(),
+                **(extra_tags or {})}
         loadable = m.get("produces", "model") == "model"
         if loadable:  # a pyfunc that reads the store: not external, loadable through MLflow
             del tags["mlflow.model.isExternal"]

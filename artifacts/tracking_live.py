@@ -9,6 +9,12 @@ and ends it; a failed build ends it FAILED with the reason (`Tracker.log_failure
 rows go to the parent run as `<stage>/<metric>` (MLflow's chart view plots top-level runs, so
 the recipe run's charts show every stage's curves, one section per stage).
 
+Snapshots published while the stage trains (flows/snapshot.py) are handed over with
+`snapshot(manifest)` and written by the same thread at its next flush: a LoggedModel
+`<stage>@<step>` per snapshot, an output of this run (artifacts/tracking_snapshots.py), so the
+UI lists them as they land. Those it could not write (`unlogged()`) are recorded once the stage
+is published (flows/stage.py `_track`).
+
 MLflow being down is never fatal here: the first error stops the streaming with one warning,
 and the stage is recorded once it is published, as without a live run (the pending queue and
 `posttrain sync` cover the rest).
@@ -30,11 +36,13 @@ class LiveStage:
     """The MLflow run of one stage while it trains (see the module docstring)."""
 
     def __init__(self, tracker: Any, stage: dict[str, Any], parent_run: str | None,
-                 started: float, flush_s: float = FLUSH_S) -> None:
+                 started: float, flush_s: float = FLUSH_S, store_uri: str | None = None
+                 ) -> None:
         self.tracker, self.stage, self.parent = tracker, stage, parent_run
-        self.started, self.flush_s = started, flush_s
+        self.started, self.flush_s, self.store_uri = started, flush_s, store_uri
         self.run_id: str | None = None
         self._rows: list[tuple[int, dict[str, float]]] = []
+        self._snaps: list[dict[str, Any]] = []  # snapshot manifests not in MLflow yet
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._dead = False
@@ -52,6 +60,17 @@ class LiveStage:
         if row and not self._dead:
             with self._lock:
                 self._rows.append((int(step), row))
+
+    def snapshot(self, manifest: dict[str, Any]) -> None:
+        """Queue a published snapshot's manifest for its LoggedModel; never blocks on MLflow
+        (kept for `unlogged()` once the streaming stopped)."""
+        with self._lock:
+            self._snaps.append(manifest)
+
+    def unlogged(self) -> list[dict[str, Any]]:
+        """The snapshot manifests this run did not record (MLflow down, or not flushed)."""
+        with self._lock:
+            return list(self._snaps)
 
     def close(self) -> str | None:
         """Stop streaming, send what is buffered; the run id (None: MLflow was unreachable).
@@ -81,7 +100,12 @@ class LiveStage:
 
         with self._lock:
             rows, self._rows = self._rows, []
-        if not rows or self.run_id is None:
+            snaps = list(self._snaps)
+        if self.run_id is None or not (rows or snaps):
+            return
+        if snaps and self.store_uri:
+            self._write_snapshots(snaps)
+        if not rows:
             return
         ts = int(time.time() * 1000)
         name = self.stage.get("stage")
@@ -93,3 +117,12 @@ class LiveStage:
                     ml.Metric(f"{name}/{m.key}", m.value, ts, m.step) for m in metrics])):
                 for i in range(0, len(ms), 1000) if rid else ():  # a batch holds <= 1000
                     c.log_batch(rid, metrics=ms[i:i + 1000])
+
+    def _write_snapshots(self, snaps: list[dict[str, Any]]) -> None:
+        from artifacts.tracking_snapshots import write_snapshot
+
+        for man in snaps:
+            with self.tracker.client() as c:
+                write_snapshot(self.tracker, c, man, self.run_id, str(self.store_uri))
+            with self._lock:
+                self._snaps.remove(man)

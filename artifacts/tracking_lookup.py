@@ -114,6 +114,14 @@ class Lookup:
             if status == "trained" and store.mlflow_ids(m["key"]) is None:
                 with contextlib.suppress(OSError, RefError):  # best effort, as live
                     store.set_mlflow_ids(m["key"], ids)
+        # A snapshot back-filled before its stage had a run (it ended first) got a LoggedModel
+        # without one; now that the stage is recorded, link it (queued `log_snapshot` ops are
+        # these same manifests: the back-fill walks every snapshot in the store).
+        for m, *_ in todo:
+            if m.get("snapshot"):
+                from artifacts.tracking_snapshots import write_backfilled
+
+                write_backfilled(tracker, c, m, store.uri)
         for op in ops:  # builds or publishes that failed while MLflow was down
             if op["op"] == "log_failure":
                 pid = (op["parent_run_id"] if op.get("parent_run_id") in run_ids

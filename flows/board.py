@@ -2,7 +2,10 @@
 per training stage on a terminal, plain timestamped lines otherwise (CI logs, pipes).
 
 Stage tasks update the Board; a display thread renders it, reading each running stage's
-progress file (JSON lines written by the stage's child process).
+progress file (JSON lines written by the stage's child process, flows/stage.py ProgressWriter):
+rows `{t, step, total, metrics...}`, and `{t, snapshot: STEP, key}` once a snapshot `STAGE@STEP`
+is published. The file is read incrementally; a stage's row lists its published snapshots
+(`@80 @160`) and the plain-line mode prints `rl: snapshot @80 published` once per snapshot.
 
 Run: used by ``posttrain run``; nothing to run on its own.
 """
@@ -13,7 +16,6 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 STATE_STYLE = {"pending": "dim", "running": "cyan", "trained": "green", "reused": "blue",
@@ -24,12 +26,16 @@ class Board:
     def __init__(self, stages: list[str], kinds: dict[str, str]) -> None:
         self.rows: dict[str, dict[str, Any]] = {
             s: {"state": "pending", "kind": kinds[s]} for s in stages}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.events: list[str] = []
+        # per stage: how far its progress file was read, its last progress row, its snapshots
+        self._read: dict[str, dict[str, Any]] = {}
 
     def update(self, stage: str, **fields: Any) -> None:
         with self.lock:
             row = self.rows[stage]
+            if fields.get("state", row["state"]) != row["state"]:
+                self._poll(stage)  # snapshots published before it ended come first
             if "state" in fields and fields["state"] != row["state"]:
                 msg = f"{stage}: {fields['state']}"
                 if fields["state"] in ("trained", "failed") and row.get("started"):
@@ -49,14 +55,52 @@ class Board:
             return ev
 
     def progress(self, stage: str) -> dict[str, Any] | None:
+        """The stage's last progress row (None: none yet)."""
+        with self.lock:
+            return self._poll(stage)["last"]
+
+    def snapshots(self, stage: str) -> list[int]:
+        """The steps of the stage's snapshots published so far, in order."""
+        with self.lock:
+            return list(self._poll(stage)["snapshots"])
+
+    def poll(self) -> None:
+        """Read what every stage's progress file gained (events for new snapshots)."""
+        with self.lock:
+            for stage in self.rows:
+                self._poll(stage)
+
+    def _poll(self, stage: str) -> dict[str, Any]:
         path = self.rows[stage].get("progress_file")
-        if not path or not Path(path).exists():
-            return None
+        r = self._read.setdefault(stage, {"path": path, "pos": 0, "last": None,
+                                          "snapshots": []})
+        if r["path"] != path:  # a new file (another attempt): read it from its start
+            r.update(path=path, pos=0, last=None)
+        if not path:
+            return r
         try:
-            lines = Path(path).read_text().strip().splitlines()
-            return json.loads(lines[-1]) if lines else None
-        except (OSError, ValueError):
-            return None
+            with open(path, "rb") as f:
+                f.seek(r["pos"])
+                data = f.read()
+        except OSError:
+            return r
+        end = data.rfind(b"\n") + 1  # whole lines only: the child may be writing one
+        r["pos"] += end
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if "snapshot" in rec:
+                step = rec["snapshot"]
+                if step not in r["snapshots"]:
+                    r["snapshots"].append(step)
+                    self.events.append(f"{stage}: snapshot @{step} published")
+            elif "step" in rec and "total" in rec:
+                r["last"] = rec
+        return r
 
 
 class Display:
@@ -91,6 +135,8 @@ class Display:
                 bar = ProgressBar(total=max(p["total"], 1), completed=p["step"], width=24)
                 metrics = f"{p['step']}/{p['total']} " + " ".join(
                     f"{k}={v:.3g}" for k, v in p.items() if k not in ("t", "step", "total"))[:60]
+            if snaps := self.board.snapshots(name):
+                metrics = " ".join([*(f"@{s}" for s in snaps), metrics]).strip()
             style = STATE_STYLE.get(row["state"], "")
             t.add_row(name, row["kind"], f"[{style}]{row['state']}[/]", bar, metrics)
         return t
@@ -108,6 +154,7 @@ class Display:
             return
         while True:
             stopping = self.stop_event.wait(0.5)
+            self.board.poll()
             for ev in self.board.take_events():
                 print(f"[{time.strftime('%H:%M:%S')}] {ev}", file=self.stream, flush=True)
             if stopping:

@@ -5,7 +5,9 @@
   `refs/<recipe>/<stage>@<step>` pointed at it, one line in the stage log. Its manifest is the
   stage's (recipe, kind, config, inputs, code) with `stage: NAME@STEP`, `snapshot: {of, stage,
   step}`, and the metrics at that step. A snapshot already stored (a resumed or repeated build)
-  is left as it is.
+  is left as it is. Once stored, `on_publish(step, key, manifest)` (flows/stage.py's progress
+  writer) tells the run's live table (a progress record, flows/board.py) and the stage's live
+  MLflow run (a LoggedModel per snapshot, artifacts/tracking_snapshots.py).
 - `wait_for(...)`: block until a key is published, failing with the producer's own error when
   the producer ended (failed, or done without publishing it) first, or on a timeout. The flow
   calls it before a pipelined stage takes its CPUs (flows/run.py), and a stage calls it when it
@@ -39,8 +41,11 @@ class UpstreamFailed(StageInputError):
 
 
 def publisher(sp: StagePlan, store: Store, edges: dict[str, Any], sft_root: str | None,
-              produces: str, run_id: str | None, force: bool) -> snap_mod.Snapshots | None:
-    """The stage's snapshot settings with a `publish` that stores each one (None: none)."""
+              produces: str, run_id: str | None, force: bool,
+              on_publish: Callable[[int, str, dict[str, Any]], None] | None = None
+              ) -> snap_mod.Snapshots | None:
+    """The stage's snapshot settings with a `publish` that stores each one (None: none);
+    `on_publish(step, key, manifest)` is called after each is stored and its ref set."""
     if not sp.snapshots:
         return None
     from tasks.kind import spec
@@ -69,6 +74,8 @@ def publisher(sp: StagePlan, store: Store, edges: dict[str, Any], sft_root: str 
                 store.publish(key, work, man)
         store.set_ref(sp.recipe, name, key)
         snap_mod.announce(step, key)
+        if on_publish is not None:
+            on_publish(step, key, dict(store.manifest(key) or {}, key=key))
 
     return snap_mod.Snapshots(frozenset(sp.snapshots), sp.eval_snapshots, publish)
 

@@ -64,11 +64,22 @@ from flows.stagefile import StagePlan, StageResult
 
 
 class ProgressWriter:
-    """Turns progress(step, total, metrics) into JSON lines for the flow's live table."""
+    """Turns progress(step, total, metrics) into JSON lines for the flow's live table, and a
+    published snapshot into one record `{"t", "snapshot": STEP, "key"}` (flows/board.py shows
+    it) and a LoggedModel on the stage's live MLflow run (`snapshot`)."""
 
     def __init__(self, path: str | None, stage: str, live: Any = None) -> None:
         self.path, self.stage, self.last, self.live = path, stage, 0.0, live
         self.tty = sys.stderr.isatty() and path is None
+
+    def snapshot(self, step: int, key: str, manifest: dict[str, Any]) -> None:
+        """flows/snapshot.py's `on_publish`: the snapshot at `step` is stored as `key`."""
+        if self.path:
+            with guard_space(self.path, "point --state-dir elsewhere"), \
+                    open(self.path, "a") as f:
+                f.write(json.dumps({"t": time.time(), "snapshot": int(step), "key": key}) + "\n")
+        if self.live is not None:  # queued: the live run's thread writes it (never blocks)
+            self.live.snapshot(manifest)
 
     def __call__(self, step: int, total: int, metrics: Any) -> None:
         _fault(self.stage, f"kill-at-step-{step}")  # before the throttle: every step counts
@@ -370,19 +381,20 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
         from flows import snapshot as snapshot_mod
         from tasks import snapshots as snap_mod
 
+        progress = ProgressWriter(progress_file, stage)
         snaps = snapshot_mod.publisher(sp, store, edges, _sft_root(sp, inputs), module.PRODUCES,
-                                       run_id, force)
+                                       run_id, force, on_publish=progress.snapshot)
         wait = snapshot_mod.waiter(sp, store, os.environ.get("POSTTRAIN_RUN_DIR"),
                                    lambda ref: _verify_inputs(sp, inputs, only=ref))
         live = None
         try:
             started = time.time()
-            live = _live_run(sp, started, state_dir, tracking_uri, parent_run, run_id)
+            live = progress.live = _live_run(sp, started, state_dir, tracking_uri, parent_run,
+                                             run_id, store.uri)
             # The payload is written into the store's staging: a full disk there is the store's.
             with guard_space(staged, "point --store elsewhere"), \
                     _resume_env(resume, sp.resume_every), snap_mod.active(snaps, wait):
-                metrics = module.run(config, inputs, staged,
-                                     ProgressWriter(progress_file, stage, live))
+                metrics = module.run(config, inputs, staged, progress)
             ended = time.time()
             edges = _complete_edges(edges, store)
             metrics = dict(metrics or {})
@@ -425,8 +437,9 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
     # Publish first, mirror second: the ref, the pointer and MLflow only name a stored key.
     store.set_ref(sp.recipe, stage, sp.key)
     write_pointer(pointer, store, sp, sp.recipe)
-    _track(published, store, state_dir, tracking_uri, parent_run,
-           live.close() if live is not None else None)
+    live_id = live.close() if live is not None else None
+    _track(published, store, state_dir, tracking_uri, parent_run, live_id,
+           live.unlogged() if live is not None else [])
     for w in warnings:
         print(f"warning: stage {stage}: {w}", file=sys.stderr)
     ev = metrics.get("eval") or {}
@@ -437,7 +450,7 @@ def run_stage(sp: StagePlan, store_uri: str, *, run_id: str | None = None,
 
 
 def _live_run(sp: StagePlan, started: float, state_dir: Path, tracking_uri: str | None,
-              parent_run: str | None, run_id: str | None) -> Any:
+              parent_run: str | None, run_id: str | None, store_uri: str | None = None) -> Any:
     """The stage's MLflow run, opened now and streaming its curves while it trains
     (artifacts/tracking_live.py); None with POSTTRAIN_TRACKING=off."""
     if os.environ.get("POSTTRAIN_TRACKING", "on") == "off":
@@ -448,17 +461,20 @@ def _live_run(sp: StagePlan, started: float, state_dir: Path, tracking_uri: str 
     stage = {"key": sp.key, "recipe": sp.recipe, "stage": sp.name, "kind": sp.kind,
              "run_id": run_id}
     return LiveStage(Tracker(tracking_uri, state_dir, warn=False), stage, parent_run,
-                     started).start()
+                     started, store_uri=store_uri).start()
 
 
 def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str | None,
-           parent_run: str | None, live_run: str | None = None) -> dict[str, Any] | None:
+           parent_run: str | None, live_run: str | None = None,
+           snapshots: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """Mirror a published stage to MLflow (run, LoggedModel, registered version), then record
     the run ids in the store's sidecar beside the manifest: the manifest is immutable once
     published, and MLflow must never name a key that is not stored. Never fatal.
 
     POSTTRAIN_TRACKING=off skips it; =upload also uploads the weights to MLflow (a second
-    copy; by default the LoggedModel only points at the store)."""
+    copy; by default the LoggedModel only points at the store). `snapshots`: manifests of
+    snapshots the live run did not record (MLflow down when the stage started), recorded now
+    on the stage's run."""
     mode = os.environ.get("POSTTRAIN_TRACKING", "on")
     if mode == "off":
         return None
@@ -468,6 +484,8 @@ def _track(man: dict[str, Any], store: Store, state_dir: Path, tracking_uri: str
     ids = tracker.log_stage(man, "trained", parent_run, store.uri,
                             payload_dir=store.local_path(man["key"]) if mode == "upload" else None,
                             live_run=live_run)
+    for snap in snapshots or []:  # queued in the pending file when MLflow is down
+        tracker.log_snapshot(snap, (ids or {}).get("run_id"), store.uri)
     if ids:
         try:
             store.set_mlflow_ids(man["key"], ids)

@@ -21,12 +21,13 @@ data and `dpo` completion data before anything runs) and the manifest records.
 Writes ``out_dir/train.jsonl``; metrics ``{"rows": n, "domains": {domain: count}, "schema":
 {"shape": "completion" | "preference", "columns": [every row's columns]}}``.
 
+The rules of a user row and the plan-time passes over a user file are tasks/data_rows.py.
+
 Run: ``python -m tasks.data /tmp/data arith reverse`` writes 1,000 rows of each.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import sys
@@ -37,12 +38,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
+from tasks.data_rows import (
+    MAX_ROW_BYTES,
+    PAIR,
+    PLAN_SCAN_LIMIT,
+    read_rows,  # also imported from here by tests/test_data_inputs.py
+    scanned_file,
+    shape_of,
+    validated,
+)
 from tasks.kind import KindCheckError, Role
 
 PRODUCES = "dataset"
 ROLES: dict[str, Role] = {}
 FILENAME = "train.jsonl"
-MAX_ROW_BYTES = 1 << 20
 
 
 def _check_domains(names: list[str]) -> None:
@@ -123,100 +132,6 @@ def apportion(size: int, weights: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def read_rows(path: Path, keep: list[str] | None = None,
-              max_row_bytes: int = MAX_ROW_BYTES) -> list[dict]:
-    """Validated rows of a user JSONL file (StageInputError names path:line and the fix)."""
-    if not path.is_file():
-        raise StageInputError(f"data file {path} does not exist; fix `path` in the data stage")
-    rows: list[dict] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if len(raw) > max_row_bytes:
-                raise StageInputError(
-                    f"{where}: a row of {len(raw):,} bytes, over max_row_bytes "
-                    f"{max_row_bytes:,}; split it into rows, or raise `max_row_bytes`"
-                )
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise StageInputError(
-                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                    "re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageInputError(
-                    f"{where}: not valid JSON ({e.msg}); one object per line"
-                ) from e
-            if not isinstance(row, dict):
-                raise StageInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append(_normalise(row, where))
-            if shape_of(rows[-1]) != shape_of(rows[0]):
-                raise StageInputError(
-                    f"{where}: a {shape_of(rows[-1])} row in a file of {shape_of(rows[0])} rows "
-                    f"(line 1 sets the shape); one shape per file: split it into two data stages"
-                )
-    if not rows:
-        raise StageInputError(f"{path}: no rows; a data file needs at least one JSON object")
-    return [r for r in rows if not keep or r["domain"] in keep]
-
-
-PAIR = ("chosen", "rejected")
-
-
-def shape_of(row: dict) -> str:
-    """A row's shape: "preference" with chosen/rejected, else "completion".
-
-    >>> shape_of({"prompt": "1+1=", "chosen": "2", "rejected": "3"}), shape_of({"completion": "2"})
-    ('preference', 'completion')
-    """
-    return "preference" if any(k in row for k in PAIR) else "completion"
-
-
-def _normalise(row: dict, where: str) -> dict:
-    for field in ("prompt", "domain"):
-        if not isinstance(row.get(field), str):
-            raise StageInputError(
-                f"{where}: missing or non-string field {field!r}; add it to the row"
-            )
-    if row["domain"] not in _domains.DOMAINS:
-        raise StageInputError(
-            f"{where}: unknown domain {row['domain']!r}; use one of {', '.join(_domains.DOMAINS)} "
-            "or add a domain to tasks/domains.py"
-        )
-    if "chosen" in row or "rejected" in row:  # a preference row: kept as it is
-        for field in PAIR:
-            if not isinstance(row.get(field), str):
-                raise StageInputError(f"{where}: a preference row needs string fields 'chosen' "
-                                      f"and 'rejected'; {field!r} is missing or not a string")
-        if row["chosen"] == row["rejected"]:
-            raise StageInputError(f"{where}: 'chosen' equals 'rejected' ({row['chosen']!r}): "
-                                  "the pair prefers nothing; drop the row or fix one side")
-        if "completion" in row:
-            raise StageInputError(f"{where}: a preference row (chosen/rejected) also has a "
-                                  "'completion'; keep one shape: drop 'completion'")
-        return dict(row)
-    completion, answer = row.get("completion"), row.get("answer")
-    if not isinstance(completion, str) and not isinstance(answer, str):
-        raise StageInputError(
-            f"{where}: missing field 'completion' (for SFT) or 'answer' (for RL); add one"
-        )
-    completion = completion if isinstance(completion, str) else answer
-    answer = answer if isinstance(answer, str) else completion
-    # Extra columns are kept: a consumer may route on them (mopd `route_key: source`).
-    return {
-        **row,
-        "prompt": row["prompt"],
-        "completion": completion,
-        "answer": answer,
-        "domain": row["domain"],
-    }
-
-
 def generate_rows(config: Config) -> list[dict]:
     """The generated rows of `config`, shuffled (train split only)."""
     weights = config.mix or {d: 1.0 for d in config.domains}
@@ -280,9 +195,6 @@ def schema(rows: list[dict]) -> dict[str, Any]:
 # -- the kind contract's plan-time hooks (tasks/kind.py) ------------------------------------
 
 BASE_COLUMNS = frozenset({"prompt", "completion", "answer", "domain"})
-# Larger user files are not scanned at plan time (their columns and route values are checked
-# when the consuming stage reads them): plan must stay fast whatever the data size.
-PLAN_SCAN_LIMIT = 64 << 20
 
 
 def prepare(config: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
@@ -299,53 +211,15 @@ def prepare(config: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
     st = p.stat()
     if st.st_size <= PLAN_SCAN_LIMIT and isinstance(limit, int):
         try:  # every row checked now, not after an hour of upstream training
-            _validated(str(p), st.st_size, st.st_mtime_ns, limit)
+            validated(str(p), st.st_size, st.st_mtime_ns, limit)
         except StageInputError as e:
             raise KindCheckError(("path",), str(e)) from None
     return dict(config, path=str(p))
 
 
-@functools.lru_cache(maxsize=32)
-def _validated(path: str, size: int, mtime_ns: int, limit: int) -> int:
-    """Row count of a user file that passes `read_rows` (cached on its size and mtime)."""
-    return len(read_rows(Path(path), None, limit))
-
-
 def data_files(config: dict[str, Any]) -> dict[str, str]:
     """User files whose content enters the key: {"path": file} for a user JSONL."""
     return {"path": config["path"]} if config.get("path") else {}
-
-
-@functools.lru_cache(maxsize=32)
-def _scan(path: str, size: int, mtime_ns: int) -> tuple[frozenset[str], dict[str, frozenset]]:
-    """(columns every row has, {column: distinct str values}) of a user JSONL file. Bad rows
-    are skipped here: the stage itself reports them with path:line."""
-    common: set[str] | None = None
-    values: dict[str, set[str]] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            common = set(row) if common is None else common & set(row)
-            for k, v in row.items():
-                if isinstance(v, str | int) and not isinstance(v, bool):
-                    values.setdefault(k, set()).add(str(v))
-    return frozenset(common or ()), {k: frozenset(v) for k, v in values.items()}
-
-
-def _scanned(config: dict[str, Any]) -> tuple[frozenset[str], dict[str, frozenset]] | None:
-    p = Path(config["path"])
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    if st.st_size > PLAN_SCAN_LIMIT:
-        return None
-    return _scan(str(p), st.st_size, st.st_mtime_ns)
 
 
 def columns(config: dict[str, Any]) -> set[str] | None:
@@ -354,7 +228,7 @@ def columns(config: dict[str, Any]) -> set[str] | None:
     reads `completion` refuses them at plan time, and one that reads `chosen` the others."""
     if not config.get("path"):
         return set(BASE_COLUMNS) | ({"flagged"} if config.get("flagged") else set())
-    scanned = _scanned(config)
+    scanned = scanned_file(config)
     if scanned is None:
         return None
     return set(scanned[0]) if set(PAIR) & scanned[0] else set(scanned[0] | BASE_COLUMNS)
@@ -365,7 +239,7 @@ def route_values(config: dict[str, Any], column: str) -> set[str] | None:
     keep = set(config.get("domains") or ())
     if not config.get("path"):
         return set(config.get("domains") or ()) if column == "domain" else None
-    scanned = _scanned(config)
+    scanned = scanned_file(config)
     if scanned is None or column not in scanned[1]:
         return None
     found = set(scanned[1][column])

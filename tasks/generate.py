@@ -28,13 +28,14 @@ ranking's reward models, else the verifier), ``rm/<name>``, and ``safe`` (sample
 tasks.domains.safe accepts) where prompts are flagged; ``sampling``: samples/s and tokens. No
 ``eval``: a data set is not a model.
 
-Before any sampling: every prompt row needs a known ``domain`` and an ``answer`` (plan checks
-the columns), every route a generator, and every generator and reward model the same tokenizer
-and ``vocab_size`` as the first generator (tasks/compat.py's fingerprint): the rows train one
-student, and a reward model reads text through its own vocabulary, so a mismatch would score
-characters it cannot see. Sampling is batched and KV-cached (tasks/rollout.py `sample_many`:
-prompts sorted by length, each prefilled once for its K samples, finished rows leave the batch);
-bench/generate_speed.py times it against ``model.generate``.
+Before any sampling (tasks/generate_inputs.py): every prompt row needs a known ``domain`` and
+an ``answer`` (plan checks the columns), every route a generator, and every generator and reward
+model the same tokenizer and ``vocab_size`` as the first generator (tasks/compat.py's
+fingerprint): the rows train one student, and a reward model reads text through its own
+vocabulary, so a mismatch would score characters it cannot see. Sampling is batched and
+KV-cached (tasks/rollout.py `sample_many`: prompts sorted by length, each prefilled once for its
+K samples, finished rows leave the batch); bench/generate_speed.py times it against
+``model.generate``.
 
 Run: ``python -m tasks.generate OUT MODEL_DIR DATA_DIR [key=value ...]``.
 """
@@ -42,7 +43,6 @@ Run: ``python -m tasks.generate OUT MODEL_DIR DATA_DIR [key=value ...]``.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -51,6 +51,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
+from tasks.generate_inputs import default_route, preflight
 from tasks.generate_select import Judged, Tally, select
 from tasks.kind import KindCheckError, Node, Role, columns_of, route_values_of, train_rows
 
@@ -128,7 +129,7 @@ def check(node: Node, nodes: dict[str, Node]) -> list[str]:
     if extra:
         raise KindCheckError(("rm_weights",), f"rm_weights names {extra}, not reward models "
                              f"of this stage ({', '.join(sorted(rms)) or 'none'})")
-    default = _default(cfg.get("unmapped", "error"))
+    default = default_route(cfg.get("unmapped", "error"))
     if default is not None and (not gens or default not in gens):
         raise KindCheckError(("unmapped",), f"default route {default!r} is not a generator route")
     data = nodes.get(node.parents("data").get("train", ""))
@@ -143,95 +144,6 @@ def check(node: Node, nodes: dict[str, Node]) -> list[str]:
         raise KindCheckError(("generators",), f"no generator for route(s) {', '.join(missing)} "
                              f"of {key!r} in its data; add them, or set unmapped: default:<route>")
     return []
-
-
-def _default(unmapped: str) -> str | None:
-    return unmapped.removeprefix("default:") if unmapped.startswith("default:") else None
-
-
-# -- before sampling ------------------------------------------------------------------------
-
-
-def _prompt_rows(config: Config, inputs: Inputs) -> list[dict]:
-    """`prompts` distinct prompt rows, seeded; each with a known domain and an answer."""
-    from tasks import domains as _domains
-    from tasks.data import data_file
-
-    path, rows, seen = data_file(inputs), [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            row = json.loads(line) if line.strip() else None
-            if not isinstance(row, dict) or row.get("prompt") in seen:
-                continue
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str) \
-                    or row.get("domain") not in _domains.DOMAINS:
-                raise StageInputError(f"{path}:{lineno}: generate needs a string `prompt`, an "
-                                      "`answer` and a known `domain` in every row (the verifier "
-                                      "scores each sample); fix the data stage")
-            seen.add(row["prompt"])
-            rows.append(row)
-    random.Random(config.seed).shuffle(rows)
-    return rows[: config.prompts]
-
-
-def _routes(config: Config, inputs: Inputs, rows: list[dict]) -> dict[str, list[dict]]:
-    """Generator route -> its prompt rows (one route, the `from:` stage, without generators)."""
-    if inputs.init is not None:
-        return {inputs.init.stage: rows}
-    default = _default(config.unmapped)
-    out: dict[str, list[dict]] = {}
-    missing: set[str] = set()
-    for r in rows:
-        value = str(r.get(config.route_key))
-        route = value if value in inputs.generators else default
-        if route is None or route not in inputs.generators:
-            missing.add(value)
-            continue
-        out.setdefault(route, []).append(r)
-    if missing:
-        raise StageInputError(f"rows with {config.route_key!r} values {sorted(missing)} have no "
-                              f"generator (routes {sorted(inputs.generators)}); add them, or set "
-                              "unmapped: default:<route>")
-    return out
-
-
-def _fingerprint(path: Path) -> dict:
-    from transformers import AutoConfig
-
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(path), AutoConfig.from_pretrained(str(path)))
-
-
-def preflight(config: Config,
-              inputs: Inputs) -> tuple[dict[str, list[dict]], dict[str, ArtifactRef]]:
-    """Every check before a weight is loaded: (prompt rows by route, sampler by route)."""
-    from tasks.compat import FINGERPRINT_FIELDS
-
-    if (inputs.init is None) == (not inputs.generators):
-        raise StageInputError("generate needs exactly one of `from:` or `generators:`")
-    if config.rank_by == "reward_model" and not inputs.reward_model:
-        raise StageInputError("rank_by: reward_model needs `reward_model:` stages")
-    by_route = _routes(config, inputs, _prompt_rows(config, inputs))
-    samplers = {inputs.init.stage: inputs.init} if inputs.init else dict(inputs.generators)
-    first, *_ = sorted(samplers)
-    mine = _fingerprint(Path(samplers[first].path))
-    judged = [(f"generator {r!r}", a) for r, a in sorted(samplers.items()) if r != first]
-    judged += [(f"reward model {n!r}", a) for n, a in sorted(inputs.reward_model.items())]
-    problems = []
-    for who, ref in judged:
-        theirs = _fingerprint(Path(ref.path))
-        diff = [f"{f} {theirs.get(f)!r} vs {mine.get(f)!r}" for f in FINGERPRINT_FIELDS
-                if theirs.get(f) != mine.get(f)]
-        if diff:
-            problems.append(f"{who} (stage {ref.stage!r}) has another tokenizer than generator "
-                            f"{first!r}: {'; '.join(diff)}")
-    if problems:
-        raise StageInputError("\n".join(problems) + "\nEvery generator and reward model must "
-                              "share one tokenizer and config.vocab_size: the rows train one "
-                              "student, and a reward model reads text through its own vocabulary."
-                              " Fix: use models of one lineage (same tokenizer files).")
-    return by_route, samplers
 
 
 # -- the stage ------------------------------------------------------------------------------

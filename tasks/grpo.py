@@ -27,12 +27,14 @@ Departures from TRL defaults (why): fp32 and no gradient checkpointing (tiny mod
 logging every step (the reward curve is the `history` metric). Other GRPOConfig fields go in
 `trainer: {...}`.
 
+This module holds the config, the plan-time hooks and `run`; the reward function, its log keys
+and the curves' summary are tasks/grpo_rewards.py, the checks around TRL tasks/grpo_checks.py.
+
 Run: ``python -m tasks.grpo INIT_DIR DATA_DIR OUT_DIR DOMAIN [max_steps]``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import time
@@ -44,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
 from tasks import domains as _domains
+from tasks.grpo_checks import align_resume, check_reference, check_vllm
+from tasks.grpo_rewards import domain_reward, history_keys, train_metrics
 from tasks.kind import KindCheckError, Node, Role, train_rows
 
 PRODUCES = "model"
@@ -153,67 +157,6 @@ def check(node: Node, nodes: Mapping[str, Node]) -> list[str]:
     return []
 
 
-def domain_reward(
-    prompts: list, completions: list, answer: list[str], domain: list[str], **kwargs: Any
-) -> list[float]:
-    """One reward for every domain: the row's own verifier (also logs the mean per domain)."""
-    rewards = [
-        _domains.reward(d, c, a) for c, a, d in zip(completions, answer, domain, strict=True)
-    ]
-    log_metric = kwargs.get("log_metric")
-    if log_metric is not None:
-        for name in sorted(set(domain)):
-            mine = [r for r, d in zip(rewards, domain, strict=True) if d == name]
-            log_metric(f"reward/{name}", sum(mine) / len(mine))
-    return rewards
-
-
-def _check_vllm(config: Config) -> None:
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        raise StageInputError(
-            "use_vllm is set but vllm is not importable in this environment; install vllm here "
-            "(colocate) or run `trl vllm-serve` elsewhere, or set use_vllm: false"
-        )
-    if not torch.cuda.is_available():
-        raise StageInputError("use_vllm is set but no CUDA device is visible; set use_vllm: false")
-    if config.vllm_mode == "server" and not config.vllm_server_base_url:
-        raise StageInputError("vllm_mode server needs vllm_server_base_url (e.g. http://host:8000)")
-
-
-def _check_reference(reference: ArtifactRef, init: ArtifactRef, model: Any) -> None:
-    from transformers import AutoConfig
-
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    mine = tokenizer_fingerprint(load_tokenizer(init.path), model.config)
-    ref_config = AutoConfig.from_pretrained(str(reference.path))
-    theirs = tokenizer_fingerprint(load_tokenizer(reference.path), ref_config)
-    diff = sorted(k for k in mine if mine[k] != theirs[k])
-    if diff:
-        raise StageInputError(
-            f"reference {reference.stage!r} does not match init {init.stage!r}: {diff} differ; "
-            "use a reference built from the same tokenizer"
-        )
-
-
-def _align_resume(trainer: Any, every: int, step: int | None) -> None:
-    """Snapshots must fall where TRL generates a fresh batch: a resumed GRPOTrainer starts with
-    no buffered generations, and its micro-step counter (`_step`, not in the checkpoint) is put
-    back from the step, so it regenerates exactly where the uninterrupted run does."""
-    args = trainer.args
-    micro = args.steps_per_generation * trainer.num_iterations  # micro-steps per generation
-    if micro % args.gradient_accumulation_steps or every * args.gradient_accumulation_steps % micro:
-        raise StageInputError(
-            f"resume_every {every} must be a multiple of the optimizer steps between two "
-            f"generations (steps_per_generation {args.steps_per_generation} x num_iterations "
-            f"{trainer.num_iterations} / gradient_accumulation_steps "
-            f"{args.gradient_accumulation_steps}); set resume_every to such a multiple")
-    if step:
-        trainer._step = step * args.gradient_accumulation_steps
-
-
 def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
     """Kind hook: `posttrain run --scale FACTOR` shrinks steps and evaluation."""
     from tasks.kind import scaled
@@ -236,7 +179,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
 
     models.quiet()
     if config.use_vllm:
-        _check_vllm(config)
+        check_vllm(config)
     path = data_file(inputs)
     rows = read_jsonl(path)
     require_columns(rows, path, ("prompt", "answer", "domain"))
@@ -260,7 +203,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     warnings: list[str] = []
     if inputs.reference is not None:
         if config.beta > 0:
-            _check_reference(inputs.reference, init, model)
+            check_reference(inputs.reference, init, model)
             # TRL builds its reference model from config._name_or_path; point it at ours.
             model.config._name_or_path = str(inputs.reference.path)
         else:
@@ -270,19 +213,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
         tokenizer, model.config)
 
     history: list[dict] = []
-    keys = {
-        "reward": "reward",
-        "reward_std": "reward_std",
-        "loss": "loss",
-        "kl": "kl",
-        "frac_reward_zero_std": "frac_zero_std",
-        "entropy": "entropy",
-        "completions/mean_length": "mean_length",
-        "num_tokens": "num_tokens",
-    }
-    keys.update({f"reward/{d}": f"reward/{d}" for d in _domains.DOMAINS})
-    keys.update(rm_keys)
-    callback = models.progress_callback(progress, config.max_steps, history, keys)
+    callback = models.progress_callback(progress, config.max_steps, history,
+                                        history_keys(rm_keys))
     work = out_dir / ".trainer"
     resume = resume_mod.current()
     args = {
@@ -317,7 +249,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     start = time.perf_counter()
     checkpoint = resume_mod.last_checkpoint(resume)  # None: start from `init`
     if resume is not None:
-        _align_resume(trainer, resume.every, resume_mod.resumed_step(checkpoint))
+        align_resume(trainer, resume.every, resume_mod.resumed_step(checkpoint))
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
 
@@ -327,22 +259,7 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    rewards = [h["reward"] for h in history if "reward" in h]
-    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0.0)
-    tail = rewards[-10:]
-    train = {
-        "final_reward": sum(tail) / len(tail) if tail else float("nan"),
-        "first_reward": rewards[0] if rewards else float("nan"),
-        "steps": float(trainer.state.global_step),
-        "seconds": seconds,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
-        "rows": float(len(rows)),
-    }
-    for name in rm_keys.values():  # first point and mean of the last 10, as for `reward`
-        curve = [h[name] for h in history if name in h]
-        if curve:
-            train[f"first_{name}"], train[f"final_{name}"] = curve[0], sum(curve[-10:]) / len(
-                curve[-10:])
+    train = train_metrics(history, rm_keys, trainer.state.global_step, seconds, len(rows))
     eval_domains = config.eval_domains if config.eval_domains is not None else present
     scores = evaluate(model, tokenizer, eval_domains, config.eval_n) if config.eval_n else {}
     metrics: dict = {"eval": scores, "train": train, "history": models.subsample(history),

@@ -16,8 +16,9 @@ route's teacher, averaged over the sampled states), ``kl``, ``is_drop_rate``, ``
 (verifier accuracy of the student's own samples), ``loss``, ``grad_norm``, ``tokens_per_s``
 (generated completion tokens through eos, per second of the whole step).
 
-This module holds the config, the checks and `run`; the loop is tasks/mopd_trainer.py, sampling
-and scoring tasks/rollout.py, the math tasks/mopd_loss.py.
+This module holds the config, the plan-time checks and `run`; the checks before training are
+tasks/mopd_routes.py, the loop tasks/mopd_trainer.py, sampling and scoring tasks/rollout.py, the
+math tasks/mopd_loss.py.
 
 Speed (bench/mopd_vs_trl.py): every forward runs on a chunk of one route's rows, sorted by prompt
 length, with all-padding columns cut (rollout.view); with one minibatch the student's forward is
@@ -45,7 +46,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from artifacts.refs import ArtifactRef, Inputs, Progress, StageInputError, no_progress
+from artifacts.refs import ArtifactRef, Inputs, Progress, no_progress
 from tasks.kind import (
     KindCheckError,
     Node,
@@ -54,6 +55,14 @@ from tasks.kind import (
     route_values_of,
     train_rows,
     trained_domains_of,
+)
+from tasks.mopd_routes import (
+    check_teachers,
+    preflight,
+    route_table,  # noqa: F401  (re-exported: tests/test_mopd.py reads mopd.route_table)
+)
+from tasks.mopd_routes import (  # noqa: F401  (re-exported for tests/test_kind_contract.py)
+    rows_by_value as _rows_by_value,
 )
 
 PRODUCES = "model"
@@ -189,95 +198,6 @@ def check(node: Node, nodes: Mapping[str, Node]) -> list[str]:
     return [msg.rsplit(". ", 1)[0] for _, msg in problems]
 
 
-def route_table(values: list[str], routes: list[str], unmapped: str) -> dict[str, str]:
-    """Route value -> teacher route, refusing (or defaulting) values without a teacher.
-
-    >>> route_table(["arith", "count"], ["arith"], "default:arith")
-    {'arith': 'arith', 'count': 'arith'}
-    """
-    default = unmapped.removeprefix("default:") if unmapped != "error" else None
-    if default is not None and default not in routes:
-        raise StageInputError(
-            f"unmapped: {unmapped!r} names no teacher; known routes: {sorted(routes)}"
-        )
-    missing = sorted(v for v in values if v not in routes)
-    if missing and default is None:
-        raise StageInputError(
-            f"data has route values {missing} with no teacher; known routes: {sorted(routes)}. "
-            "Fix: add a teacher for each, or set `unmapped: default:<route>`."
-        )
-    return {v: v if v in routes else str(default) for v in values}
-
-
-def _rows_by_value(inputs: Inputs, key: str) -> dict[str, list[dict]]:
-    import json
-
-    from tasks.data import data_file
-
-    by_value: dict[str, list[dict]] = {}
-    path = data_file(inputs)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if key not in row:
-                raise StageInputError(
-                    f"{path}:{lineno}: no field {key!r} to route on; fix `route_key`"
-                )
-            by_value.setdefault(str(row[key]), []).append(row)
-    return by_value
-
-
-def _fingerprint(path: Path) -> dict:
-    from transformers import AutoConfig
-
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(path), AutoConfig.from_pretrained(str(path)))
-
-
-def preflight(config: Config, inputs: Inputs) -> tuple[dict[str, list[dict]], dict, list[str]]:
-    """Every check that must pass before training: (rows by route value, route table, warnings)."""
-    if inputs.init is None or not inputs.teachers:
-        raise StageInputError("mopd needs an `init` student and at least one teacher")
-    from tasks import mopd_schedule
-    from tasks.mopd_schedule import phases
-
-    by_value = _rows_by_value(inputs, config.route_key)
-    table = route_table(sorted(by_value), sorted(phases(inputs.teachers)), config.unmapped)
-    warnings = check_teachers(config, inputs, mopd_schedule.ready(inputs.teachers))
-    if config.orm_weight:
-        from tasks.domains import DOMAINS
-
-        bad = sorted({v for v, rs in by_value.items() for r in rs
-                      if r.get("domain") not in DOMAINS or not isinstance(r.get("answer"), str)})
-        if bad:
-            raise StageInputError(
-                f"orm_weight > 0 needs a known `domain` and an `answer` in every row; rows of "
-                f"route values {bad} lack them. Fix: set orm_weight: 0 or complete the data."
-            )
-    if config.accelerate_config is not None and not Path(config.accelerate_config).is_file():
-        raise StageInputError(
-            f"accelerate_config {config.accelerate_config} does not exist; fix the path or drop it"
-        )
-    idle = sorted(set(phases(inputs.teachers)) - set(table.values()))
-    if idle:
-        warnings.append(f"teachers {idle} get no data (no row has their {config.route_key!r})")
-    return by_value, table, warnings
-
-
-def check_teachers(config: Config, inputs: Inputs, teachers: Mapping[str, ArtifactRef]
-                   ) -> list[str]:
-    """Tokenizer and SFT-lineage compatibility of `teachers` with the student (tasks/compat.py)."""
-    from tasks.compat import check_lineage, check_tokenizers
-
-    assert inputs.init is not None
-    fps = {r: _fingerprint(Path(t.path)) for r, t in teachers.items()}
-    check_tokenizers(_fingerprint(Path(inputs.init.path)), fps)
-    return check_lineage(inputs.init, teachers, config.allow_cross_lineage)
-
-
 def scale(config: dict[str, Any], factor: float) -> dict[str, Any]:
     """Kind hook: `posttrain run --scale FACTOR` shrinks steps, warm-up, prompts per route
     and evaluation; `switch_at` steps keep their place in the shorter run."""
@@ -305,7 +225,7 @@ def run(
     from tasks import models, mopd_schedule, snapshots
     from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
-    from tasks.mopd_trainer import Trainer, accelerator_for, mean
+    from tasks.mopd_trainer import Trainer, accelerator_for, train_metrics
 
     by_value, table, warnings = preflight(config, inputs)  # raises before any weight is loaded
     models.quiet()
@@ -343,19 +263,7 @@ def run(
     if accelerator.is_main_process:
         models.save_model(student, tokenizer, out_dir)
         scores = evaluate(student, tokenizer, present, config.eval_n) if config.eval_n else {}
-    tenth = max(1, len(history) // 10)  # single steps are too noisy to compare
-    train: dict[str, Any] = {
-        "steps": config.max_steps,
-        "seconds": seconds,
-        "tokens": trainer.tokens,
-        "tokens_per_s": trainer.tokens / max(seconds, 1e-9),
-        "is_drop_rate": mean([h["is_drop_rate"] for h in history]),
-        "routes": table,
-        "teacher_schedule": schedule.record(),
-    }
-    for key in sorted(k for k in history[-1] if k.startswith(("kl/", "reward/"))):
-        train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
-        train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
+    train = train_metrics(trainer, history, seconds, config.max_steps, table, schedule.record())
     return {"eval": scores, "train": train, "history": models.subsample(history),
             "warnings": warnings, "resumed_from_step": first - 1 if first > 1 else None}
 

@@ -3,8 +3,9 @@
 `Trainer.step` = `collect` (the student samples one completion per prompt with tasks/rollout.py,
 rows are routed to their teacher, the verifier scores the samples) + `update` (per chunk: one
 student forward shared by log p_old and the loss, the routed teacher's forward, tasks/mopd_loss.py,
-one backward and one optimizer step per minibatch). tasks/mopd.py owns the config, the checks and
-the stage's `run`; bench/mopd_vs_trl.py times `Trainer.step` against TRL.
+one backward and one optimizer step per minibatch); `train_metrics` sums a run up. tasks/mopd.py
+owns the config, the checks and the stage's `run`; bench/mopd_vs_trl.py times `Trainer.step`
+against TRL.
 
 Run: ``python -m pytest tests/test_mopd.py -q``.
 """
@@ -36,6 +37,27 @@ def accelerator_for(config: Any) -> Any:
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def train_metrics(trainer: Trainer, history: list[dict], seconds: float, max_steps: int,
+                  table: dict[str, str], schedule: Any) -> dict[str, Any]:
+    """The stage's `train` metrics: throughput, IS drop rate, the route table, the teacher
+    schedule (`Schedule.record()`), and the first / last tenth of every `kl/<route>` and
+    `reward/<value>` curve of `history` (one dict per step)."""
+    tenth = max(1, len(history) // 10)  # single steps are too noisy to compare
+    train: dict[str, Any] = {
+        "steps": max_steps,
+        "seconds": seconds,
+        "tokens": trainer.tokens,
+        "tokens_per_s": trainer.tokens / max(seconds, 1e-9),
+        "is_drop_rate": mean([h["is_drop_rate"] for h in history]),
+        "routes": table,
+        "teacher_schedule": schedule,
+    }
+    for key in sorted(k for k in history[-1] if k.startswith(("kl/", "reward/"))):
+        train[f"{key}/first"] = mean([h[key] for h in history[:tenth] if key in h])
+        train[f"{key}/last"] = mean([h[key] for h in history[-tenth:] if key in h])
+    return train
 
 
 class Trainer:
