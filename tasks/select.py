@@ -187,7 +187,10 @@ def _ref(name: str, path: str) -> ArtifactRef:
 if __name__ == "__main__":
     out_arg, *rest = sys.argv[1:]
     pairs = dict(a.split("=", 1) for a in rest)
-    fields = {k: v for k, v in pairs.items() if k in Config.model_fields}
+    import yaml
+
+    # YAML values, as in a recipe: `domains=[arith, sort]`, `val_n=200`
+    fields = {k: yaml.safe_load(v) for k, v in pairs.items() if k in Config.model_fields}
     cfg = Config(**fields)
     ins = Inputs(candidates={k: _ref(k, v) for k, v in pairs.items() if k not in fields})
     print(run(cfg, ins, Path(out_arg), lambda s, t, m: print(s, t, m, flush=True)))
