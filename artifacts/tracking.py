@@ -24,11 +24,14 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from artifacts.mlflow_util import batches as _batches
+from artifacts.mlflow_util import flatten, pages, portable_store, store_at  # noqa: F401 (re-exported)
+from artifacts.mlflow_util import is_num as _num
 from artifacts.store import KEY_RE, is_no_space, no_space_error
 
 PENDING = "mlflow_pending.jsonl"  # in state_dir: appended to by Tracker, replayed by sync
@@ -38,32 +41,6 @@ ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_DISABLE_TELEMETRY": "true"}
 RUN_STATUS = {"ok": "FINISHED", "completed": "FINISHED", "success": "FINISHED",
               "failed": "FAILED", "error": "FAILED", "cancelled": "KILLED", "killed": "KILLED"}
-
-
-def pages(fn: Callable[..., Any], *args: Any, **kw: Any) -> list[Any]:
-    """Every item of a paged MLflow search (`fn` takes page_token=): one page silently drops
-    whatever lies beyond MLflow's page size."""
-    out, token = [], None
-    while True:
-        page = fn(*args, page_token=token, **kw)
-        out.extend(page)
-        if not (token := page.token):
-            return out
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"}; lists as JSON; cut to MLflow's key/value limits."""
-    out: dict[str, str] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif prefix:
-        out[prefix[:-1][:250]] = (d if isinstance(d, str) else json.dumps(d, default=str))[:6000]
-    return out
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _source_tags(m: dict[str, Any] | None = None) -> dict[str, str]:
@@ -102,32 +79,6 @@ def _save_pyfunc(d: str, store_uri: str, key: str) -> None:
     Path(d, "model").rmdir()
 
 
-def portable_store(store_uri: str, state_dir: str | Path) -> str:
-    """How MLflow records a store: a local store inside the state dir as a path relative to it
-    (`store`), so a copied or shared state dir does not point back at the machine that made
-    it; anything else (s3://..., a store elsewhere) as given. Read back by `store_at`."""
-    if "://" in store_uri:
-        return store_uri
-    try:
-        return Path(store_uri).absolute().relative_to(Path(state_dir).absolute()).as_posix()
-    except ValueError:
-        return store_uri
-
-
-def store_at(recorded: str, tracking_uri: str | None = None) -> str:
-    """The store a `portable_store` value names, seen from here: a relative one lies in the
-    state dir, which is the directory of a `sqlite:///` MLflow database, else
-    $POSTTRAIN_STATE_DIR, else ./.posttrain."""
-    if "://" in recorded or Path(recorded).is_absolute():
-        return recorded
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if uri.startswith("sqlite:///"):
-        state = Path(uri[len("sqlite:///"):]).parent
-    else:
-        state = Path(os.environ.get("POSTTRAIN_STATE_DIR") or ".posttrain")
-    return str(state / recorded)
-
-
 def _prefixed_history(c: Any, parent: str, m: dict[str, Any], ts: int) -> list[Any]:
     """A stage's history as `<stage>/<metric>` rows for the parent run, less those the live
     stream already sent there."""
@@ -142,13 +93,6 @@ def _prefixed_history(c: Any, parent: str, m: dict[str, Any], ts: int) -> list[A
         out += [Metric(f"{stage}/{k}", float(v), ts, step) for k, v in h.items()
                 if k != "step" and _num(v) and (f"{stage}/{k}", step) not in sent]
     return out
-
-
-def _batches(c: Any, rid: str, params: Sequence[Any] = (), metrics: Sequence[Any] = ()) -> None:
-    for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params, 1000 metrics
-        c.log_batch(rid, params=params[i:i + 100])
-    for i in range(0, len(metrics), 1000):
-        c.log_batch(rid, metrics=metrics[i:i + 1000])
 
 
 class Tracker:
@@ -240,7 +184,12 @@ class Tracker:
         return c.create_experiment(name, artifact_location=(db.parent / "mlartifacts" / name)
                                    .as_uri() if db else None)
 
-    def _model_id(self, c: Any, key: str) -> str | None:
+    def experiment_for(self, c: Any, recipe: str) -> str:
+        """The experiment this tracker's run writes to (its recipe's; `recipe` without a run)."""
+        return self._experiment(c, self._run[0] if self._run else recipe)
+
+    def model_id(self, c: Any, key: str) -> str | None:
+        """The LoggedModel recorded for store key `key` (a stage's or a snapshot's), or None."""
         if not KEY_RE.match(str(key)):  # never put a non-key into a filter string
             return None
         if key not in self._models:  # across experiments: another recipe may have built it
@@ -327,7 +276,7 @@ class Tracker:
         # The consuming run's experiment: a reused artifact of recipe A shows up under B's run.
         recipe = self._run[0] if self._run else m["recipe"]
         eid = c.get_run(parent).info.experiment_id if parent else self._experiment(c, recipe)
-        existing = self._model_id(c, m["key"])
+        existing = self.model_id(c, m["key"])
         link_only = status == "reused" and existing is not None
         edges = input_edges(m)
         tags = {"posttrain.key": m["key"], "posttrain.stage": m.get("stage"),
@@ -377,7 +326,7 @@ class Tracker:
                      rows)
             if parent:  # the curves on the recipe run too (tracking_live.py: chart view)
                 _batches(c, parent, metrics=_prefixed_history(c, parent, m, ts))
-            models = [ml.LoggedModelInput(x) for _, p, _ in edges if (x := self._model_id(c, p))]
+            models = [ml.LoggedModelInput(x) for _, p, _ in edges if (x := self.model_id(c, p))]
             data = [ml.DatasetInput(ml.Dataset(f"{r['recipe']}:{r['stage']}" if r.get("stage")
                                          else role, p[:32], "posttrain",
                                          json.dumps({"store": store_uri, "key": p})),
@@ -394,7 +343,7 @@ class Tracker:
                 model = None
                 model_id = None
             else:
-                model = self._logged_model(c, eid, rid, m, store_uri, payload_dir)
+                model = self.logged_model(c, eid, rid, m, store_uri, payload_dir)
                 model_id = model.model_id
                 c.log_outputs(rid, [ml.LoggedModelOutput(model_id, last)])
             # Eval metrics belong to the run and to its LoggedModel (MLflow 3 model metrics).
@@ -435,7 +384,7 @@ class Tracker:
                 c.set_tag(parent_run_id, f"posttrain.reused.{m.get('stage')}",
                           f"{m.get('recipe')}:{m.get('stage')} {m['key']}")
             models = [ml.LoggedModelInput(x) for m in manifests
-                      if (x := self._model_id(c, m["key"]))]
+                      if (x := self.model_id(c, m["key"]))]
             if models:
                 c.log_inputs(parent_run_id, models=models)
 
@@ -479,9 +428,9 @@ class Tracker:
         c.set_terminated(rid, "FAILED")
         return rid
 
-    def _logged_model(self, c: Any, eid: str, rid: str | None, m: dict[str, Any],
-                      store_uri: str, payload_dir: Any,
-                      extra_tags: dict[str, str] | None = None) -> Any:
+    def logged_model(self, c: Any, eid: str, rid: str | None, m: dict[str, Any],
+                     store_uri: str, payload_dir: Any,
+                     extra_tags: dict[str, str] | None = None) -> Any:
         """An external LoggedModel: the weights stay in the store (copied only if upload)."""
         from mlflow.models.model import MLMODEL_FILE_NAME
         from mlflow.models.utils import get_external_mlflow_model_spec

@@ -6,7 +6,7 @@ the stage's live run (artifacts/tracking_live.py `LiveStage.snapshot`), whose th
 here, so the MLflow UI lists `sft@2`, `sft@4` under the stage run's Logged models while the
 stage still trains. Each is a LoggedModel named `<stage>@<step>` (loadable through
 `models:/<id>` like a stage's, its weights in the store), `source_run_id` = the stage's run,
-tags `posttrain.key` (the snapshot key: lineage consumers find it by it, `Tracker._model_id`),
+tags `posttrain.key` (the snapshot key: lineage consumers find it by it, `Tracker.model_id`),
 `posttrain.step`, `posttrain.snapshot_of` (the stage key), and its eval per domain as model
 metrics `eval.<domain>` at its step (the final model's are at the stage's last step, so the
 run's eval curves run through the snapshots). Snapshots are never registered: only a stage's
@@ -56,18 +56,19 @@ def write_snapshot(tracker: Any, c: Any, man: dict[str, Any], rid: str | None,
     experiment when there is no run. Returns the LoggedModel id."""
     from mlflow import entities as ml
 
-    from artifacts.tracking import _batches, portable_store
+    from artifacts.mlflow_util import batches as _batches
+    from artifacts.mlflow_util import portable_store
 
     snap = man["snapshot"]
     step = int(snap["step"])
     store_uri = portable_store(store_uri, tracker.state_dir)
-    model_id = tracker._model_id(c, man["key"])
+    model_id = tracker.model_id(c, man["key"])
     if model_id is None:
         if rid is not None:
             eid = c.get_run(rid).info.experiment_id
         extra = {"posttrain.step": str(step), "posttrain.snapshot_of": str(snap.get("of")),
                  "posttrain.snapshot_stage": str(snap.get("stage"))}
-        model = tracker._logged_model(c, eid, rid, man, store_uri, None, extra_tags=extra)
+        model = tracker.logged_model(c, eid, rid, man, store_uri, None, extra_tags=extra)
         model_id = model.model_id
         ts = int(time.time() * 1000)
         if rid is not None:  # model metrics, on the stage run too: its eval curve
@@ -81,7 +82,7 @@ def write_snapshot(tracker: Any, c: Any, man: dict[str, Any], rid: str | None,
 
 def stage_run(c: Any, stage_key: str) -> str | None:
     """The MLflow run that recorded the stage `stage_key` (the newest), or None."""
-    from artifacts.tracking import pages
+    from artifacts.mlflow_util import pages
 
     if not KEY_RE.match(str(stage_key)):  # never put a non-key into a filter string
         return None
@@ -97,7 +98,7 @@ def write_backfilled(tracker: Any, c: Any, man: dict[str, Any], store_uri: str) 
     by a later back-fill once the stage is recorded)."""
     rid = stage_run(c, (man.get("snapshot") or {}).get("of"))
     eid = (c.get_run(rid).info.experiment_id if rid
-           else tracker._experiment(c, tracker._run[0] if tracker._run else man["recipe"]))
+           else tracker.experiment_for(c, man["recipe"]))
     model_id = write_snapshot(tracker, c, man, rid, store_uri, eid)
     return {"tracking_uri": tracker.uri, "experiment_id": eid, "run_id": rid,
             "model_id": model_id}
