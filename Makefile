@@ -30,10 +30,10 @@ demo: install
 	.venv/bin/posttrain run recipes/mimo_tiny.yaml
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=20
 
 lint: install
 	.venv/bin/ruff check .
