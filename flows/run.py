@@ -394,13 +394,23 @@ def _dispatch(plans: list[StagePlan], futures: dict[str, Any], submit: Any, runn
         inner = getattr(futures.get(name), "wrapped_future", None)
         return name in futures and (not isinstance(inner, Future) or inner.done())
 
+    def never_ran(name: str) -> bool:
+        """The stage ended without completing: failed, or never run because its own parent
+        did not complete (Prefect leaves that task Pending "NotReady", not Failed). Its
+        descendants will not run either, so they must not take cores: a NotReady task never
+        reaches `launch_stage`, which is what gives cores back."""
+        inner = getattr(futures.get(name), "wrapped_future", None)
+        if isinstance(inner, Future):
+            return inner.done() and not futures[name].state.is_completed()
+        return futures[name].state.is_failed()  # Ray: still running reads as not completed
+
     def ready(sp: StagePlan) -> bool:
         whole, snaps = sp.spec.waits_for()
         if not all(done(x) for x in whole):
             return False
         if runner.stopping or sp.status in ("fresh", "waiting") or sp.kind == "use":
             return True
-        if any(futures[x].state.is_failed() for x in whole):
+        if any(never_ran(x) for x in whole):
             return True  # never runs: Prefect ends it NotReady
         if snaps and time.monotonic() - checked.get(sp.name, 0.0) < 1.0:
             return False  # a store lookup a second per waiting stage (S3 costs a request)
@@ -417,7 +427,7 @@ def _dispatch(plans: list[StagePlan], futures: dict[str, Any], submit: Any, runn
                 continue
             needs = not (runner.stopping or sp.status in ("fresh", "waiting")
                          or sp.kind == "use"
-                         or any(futures[x].state.is_failed() for x in sp.spec.waits_for()[0]))
+                         or any(never_ran(x) for x in sp.spec.waits_for()[0]))
             if needs and not runner.try_reserve(sp):
                 continue  # wait for cores; a later stage that fits may start meanwhile
             if needs:

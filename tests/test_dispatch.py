@@ -48,3 +48,38 @@ stages:
     first, second = sorted(runs.values(), key=lambda t: t.start_time)
     assert first.end_time is not None and second.start_time is not None
     assert second.start_time >= first.end_time, (first.end_time, second.start_time)
+
+
+def test_a_failure_two_stages_up_ends_the_run_instead_of_hanging(prefect_harness, tmp_path: Path
+                                                                 ) -> None:
+    """`b` is never run (its parent `a` failed) and Prefect leaves it Pending "NotReady", not
+    Failed; `c` and `d` below it must not take cores either (a NotReady task never gives them
+    back). They did, and with every core leaked to `c`, `d` waited for cores forever."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    n = os.cpu_count() or 1
+    every = f"resources: {{cpus: {n}}}"
+    sft = "kind: sft, data: data, max_steps: 2, per_device_train_batch_size: 4, eval_n: 0"
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(f"""\
+name: chain
+stages:
+  data: {{kind: data, domains: [arith], size: 32, seed: 0}}
+  base: {{kind: base, hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32,
+         domains: [arith], eval_n: 0}}
+  a: {{{sft}, from: base, {every}}}
+  b: {{{sft}, from: a, {every}}}
+  c: {{{sft}, from: b, {every}}}
+  d: {{kind: select, candidates: {{x: c, y: base}}, domains: [arith], val_n: 2, {every}}}
+""")
+    env = {**os.environ, "POSTTRAIN_FAULT": "a:kill-at-step-1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe), "--store",
+                        str(tmp_path / "store"), "--state-dir", str(tmp_path / "state"),
+                        "--no-tracking"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode != 0, p.stderr[-2000:]
+    for stage in ("b", "c", "d"):
+        assert f"stage {stage}: not run: an upstream stage failed" in p.stderr, p.stderr[-2000:]
