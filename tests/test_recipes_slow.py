@@ -86,7 +86,17 @@ def _built_lineage(world: dict, name: str) -> tuple[dict, set[tuple[str, str, st
     rc, out, err = run_cli("lineage", ref, "--up", "--json", "--store", str(world["store"]))
     assert rc == 0, err
     sub = json.loads(out)
-    stage = {n["key"]: n["stage"] for n in sub["nodes"]}
+    # Named as this recipe names them: an artifact another recipe built first with the same
+    # key (the same config at this scale, e.g. deepseek_v3_2's rl_arith for nemotron3_ultra's
+    # rl_arith_1) carries that recipe's stage name in its manifest.
+    store, scaled = Store(world["store"]), scaled_name(name, smoke(name))
+    ours = {}
+    for st in parse(REPO / "recipes" / f"{name}.yaml").stages:
+        try:
+            ours[store.resolve(f"{scaled}:{st}")] = st
+        except Exception:  # noqa: BLE001 - a stage this run did not build (not in the lineage)
+            continue
+    stage = {n["key"]: ours.get(n["key"], n["stage"]) for n in sub["nodes"]}
     return sub, {(stage[e["parent"]], e["role"], stage[e["child"]]) for e in sub["edges"]}
 
 
