@@ -4,9 +4,12 @@ the final model beats its SFT stage (R1-Zero: its base) on mean held-out accurac
 The recipes run one after another into one store, as a team would build them: stages that
 recipes share (the same data, base and SFT config, hence the same key) are built once and
 reused, so a recipe's wall time is what it costs given the recipes before it in the order
-(the line printed says which stages it reused). Each `posttrain run` is a child process with
-MLflow off; its stages x domains table is kept in `<out>/<recipe>.table.txt` and the summary in
-`<out>/summary.json`. Step counts are the recipes' own; nothing is picked by held-out score.
+(the line printed says which stages it reused), and what it costs built alone, from every
+stage's own build time in its manifest: the sum (one stage at a time) and the critical path (the
+longest chain of stages: the wall time given a core for every stage that can run). Each
+`posttrain run` is a child process with MLflow off; its stages x domains table is kept in
+`<out>/<recipe>.table.txt` and the summary in `<out>/summary.json`. Step counts are the
+recipes' own; nothing is picked by held-out score.
 
 Run: ``nice -n 5 .venv/bin/python bench/recipes_full.py [--out DIR] [--scale F] [NAME ...]``
 (all thirteen at scale 1: one to two hours on 2 cores).
@@ -39,6 +42,32 @@ def mean_eval(manifest: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _keys(tree: object) -> list[str]:
+    """Every key in a manifest's `inputs` (a key, or maps of them, nested)."""
+    if isinstance(tree, str):
+        return [tree]
+    return [k for v in (tree.values() if isinstance(tree, dict) else tree or []) for k in _keys(v)]
+
+
+def from_scratch(store: Store, keys: list[str]) -> dict:
+    """What the recipe costs built alone, from its stages' own build times (manifest
+    `timings.seconds`, reused stages included): `stage_seconds`, their sum (one stage at a time),
+    and `critical_path_seconds`, the longest chain of stages through the DAG (the wall time with
+    a core for every stage that can run)."""
+    manifests = {k: store.manifest(k) or {} for k in keys}
+    secs = {k: float((m.get("timings") or {}).get("seconds") or 0.0) for k, m in manifests.items()}
+    done: dict[str, float] = {}
+
+    def path(k: str) -> float:
+        if k not in done:
+            ups = [u for u in _keys(manifests[k].get("inputs")) if u in manifests]
+            done[k] = secs[k] + max((path(u) for u in ups), default=0.0)
+        return done[k]
+
+    return {"stage_seconds": round(sum(secs.values()), 1),
+            "critical_path_seconds": round(max(map(path, keys), default=0.0), 1)}
+
+
 def run_one(name: str, store: Path, state: Path, out: Path, scale: float) -> dict:
     cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "recipes" / f"{name}.yaml"),
            "--store", str(store), "--state-dir", str(state), "--no-tracking", "--json",
@@ -58,6 +87,7 @@ def run_one(name: str, store: Path, state: Path, out: Path, scale: float) -> dic
     row["trained"] = [r["stage"] for r in rows if r["status"] == "trained"]
     row["reused"] = [r["stage"] for r in rows if r["status"] == "reused"]
     s = Store(store)
+    row.update(from_scratch(s, [r["key"] for r in rows if r.get("key")]))
     recipe = scaled_name(name, scale)
     init, final = INIT.get(name, "sft"), FINAL[name]
     row["init"], row["final"] = init, final
@@ -88,8 +118,9 @@ def main() -> None:
                    f"{100 * (row['final_mean'] or 0):.1f}% "
                    f"({'beats' if row['final_beats_init'] else 'does NOT beat'} its init)")
         print(f"{name:16s} {row['wall_s']:7.1f} s  {verdict}  "
-              f"[trained {len(row.get('trained', []))}, reused {len(row.get('reused', []))}]",
-              flush=True)
+              f"[trained {len(row.get('trained', []))}, reused {len(row.get('reused', []))}; "
+              f"from scratch: {row.get('stage_seconds', 0):.0f} stage-s, critical path "
+              f"{row.get('critical_path_seconds', 0):.0f} s]", flush=True)
         if row.get("table"):
             print(row["table"], flush=True)
 

@@ -85,7 +85,8 @@ def build(a: argparse.Namespace) -> dict:
             (out / name / "bench_metrics.json").write_text(json.dumps(
                 {**log[name], **got}, indent=1, default=str))
 
-    need_sft_data = todo("sft") and not a.policy or a.rm_sft_steps and todo("sft_rm")
+    need_sft_data = todo("sft") and not a.policy or a.rm_sft_steps and not a.rm_init and todo(
+        "sft_rm")
     if need_sft_data and todo("sft_data", "train.jsonl"):
         mix = {d: 6.0 if d == "arith" else 1.0 for d in domains}
         data.run(data.Config(domains=domains, mix=mix, size=50_000, seed=0), Inputs(),
@@ -100,7 +101,7 @@ def build(a: argparse.Namespace) -> dict:
                              trainer={"lr_scheduler_kwargs": {"lr_end": 5e-4, "power": 1.0}})
             timed("sft", lambda: sft.run(cfg, Inputs(init=_ref(out / "base", "base"), data={
                 "train": _ref(out / "sft_data", "data")}), out / "sft", _say(200)))
-    if a.rm_sft_steps and todo("sft_rm"):
+    if a.rm_sft_steps and not a.rm_init and todo("sft_rm"):
         cfg = sft.Config(max_steps=a.rm_sft_steps, learning_rate=a.rm_sft_lr, warmup_steps=20,
                          lr_scheduler_type="linear", eval_n=a.eval_n)
         timed("sft_rm", lambda: sft.run(cfg, Inputs(init=_ref(out / "sft", "sft"), data={
@@ -123,7 +124,7 @@ def build(a: argparse.Namespace) -> dict:
         cfg = reward_model.Config(max_steps=a.rm_steps, learning_rate=a.rm_lr,
                                   per_device_train_batch_size=a.rm_batch, eval_n=a.eval_n,
                                   eval_domains=domains)
-        init = out / ("sft_rm" if a.rm_sft_steps else "sft")
+        init = Path(a.rm_init) if a.rm_init else out / ("sft_rm" if a.rm_sft_steps else "sft")
         timed("rm", lambda: reward_model.run(cfg, Inputs(init=_ref(init, "sft"), data={
             "train": _ref(out / "pairs", "data")}), out / "rm", _say(200)))
     return log
@@ -171,6 +172,8 @@ def main() -> None:
     p.add_argument("--rm-sft-steps", type=int, default=1000, help="extra SFT steps of the RM's "
                    "init on ground truth (0: the RM starts from the policy)")
     p.add_argument("--rm-sft-lr", type=float, default=1e-3)
+    p.add_argument("--rm-init", default="", help="a model dir the RM starts from instead of "
+                   "sft_rm/ (same tokenizer; e.g. another SFT run of the same recipe)")
     p.add_argument("--data-size", type=int, default=20_000, help="prompt rows in data/")
     p.add_argument("--pairs-prompts", type=int, default=20_000, help="prompts sampled for pairs")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")

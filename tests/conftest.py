@@ -98,3 +98,15 @@ def spine_restored(spine: dict) -> Iterator[None]:
         store = Store(spine["store"])
         for row in spine["first_run"]:
             store.set_ref("spine_tiny", row["stage"], row["key"])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test (toy models: threads only add contention on 2 cores);
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,42 +8,19 @@ Run: ``.venv/bin/python -m pytest tests/test_reward_model.py -q``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from artifacts.refs import Inputs, StageInputError
 from flows.recipe import RecipeError, parse
+from tests import stage_fixtures as sf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _load_fixtures():  # noqa: ANN202  tests/ is not a package: import the helpers by path
-    name = "stage_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        assert spec and spec.loader
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-sf = _load_fixtures()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs_dir(out: Path, domains: list[str], n: int, seed: int = 0) -> Path:
