@@ -28,7 +28,7 @@ SYSTEMS = ("instructgpt", "llama2", "llama3", "tulu3", "r1_zero", "r1", "deepsee
 FINAL = {"instructgpt": "ppo", "llama2": "policy_2", "llama3": "best_2", "tulu3": "rlvr",
          "r1_zero": "rl", "r1": "final", "deepseek_v3_2": "mixed_rl", "deepseek_v4": "student",
          "mimo_tiny": "final_rl", "nemotron3_ultra": "student_2", "mai_thinking1": "final_rl",
-         "kimi_k2_5": "joint_rl", "glm5": "rl_general"}
+         "kimi_k2_5": "joint_rl", "glm5": "distill"}
 
 
 def _stages(name: str) -> dict:
@@ -87,6 +87,11 @@ def test_glm5_rl_stages_chain_on_disjoint_domain_groups() -> None:
     groups = [set(r.stages[n].config["domains"]) for n in chain]
     assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
     assert set().union(*groups) == set(r.vars["domains"])
+    # cross-stage distillation: every domain learns again from the stage that trained it
+    teachers = r.stages["distill"].inputs["teachers"]
+    assert r.stages["distill"].inputs["init"] == "rl_general"
+    assert {d: teachers[d] for g, n in zip(groups, chain, strict=True) for d in g} == {
+        d: n for g, n in zip(groups, chain, strict=True) for d in g}
 
 
 def test_llama2_rounds_use_two_reward_models() -> None:
