@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.lineage import input_edges  # noqa: E402
 from artifacts.store import Store  # noqa: E402
 from flows.recipe import scaled_name  # noqa: E402
 from tests.test_recipes import FINAL, SYSTEMS  # noqa: E402
@@ -42,13 +43,6 @@ def mean_eval(manifest: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _keys(tree: object) -> list[str]:
-    """Every key in a manifest's `inputs` (a key, or maps of them, nested)."""
-    if isinstance(tree, str):
-        return [tree]
-    return [k for v in (tree.values() if isinstance(tree, dict) else tree or []) for k in _keys(v)]
-
-
 def from_scratch(store: Store, keys: list[str]) -> dict:
     """What the recipe costs built alone, from its stages' own build times (manifest
     `timings.seconds`, reused stages included): `stage_seconds`, their sum (one stage at a time),
@@ -60,7 +54,7 @@ def from_scratch(store: Store, keys: list[str]) -> dict:
 
     def path(k: str) -> float:
         if k not in done:
-            ups = [u for u in _keys(manifests[k].get("inputs")) if u in manifests]
+            ups = [u for _, u, _ in input_edges(manifests[k]) if u in manifests]
             done[k] = secs[k] + max((path(u) for u in ups), default=0.0)
         return done[k]
 
