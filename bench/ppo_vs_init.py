@@ -20,7 +20,7 @@ calling the stage modules directly (no Prefect, no store), everything under --ou
 
 and prints, for init (sft/) and ppo/: greedy held-out accuracy per domain (500 problems,
 tasks.evaluate), sampled held-out accuracy (4 temperature-1 samples per problem, the distribution
-PPO optimises) and the RM's mean score on the greedy answers (tasks.ppo_trainer.heldout_rm), plus
+PPO optimises) and the RM's mean score on the greedy answers (tasks.rm_scoring.heldout_rm), plus
 the RM's held-out pairwise accuracy and how well it ranks the SFT model's own samples (AUC of
 correct over wrong). Stages whose directory exists are reused (--fresh rebuilds them): pointed
 at the --out of bench/rm_accuracy.py (``--out DIR --domains arith,reverse,sort,max``), it runs
@@ -177,7 +177,7 @@ def compare(a: argparse.Namespace, names: list[str]) -> dict:
     from tasks import models
     from tasks.domains import verify
     from tasks.evaluate import evaluate, generate, heldout_rows
-    from tasks.ppo_trainer import heldout_rm
+    from tasks.rm_scoring import heldout_rm
 
     out, res = Path(a.out), {}
     rms = {"rm": _ref(out / "rm", "reward_model")}

@@ -243,7 +243,8 @@ def run(config: Config, inputs: Inputs, out_dir: Path, progress: Progress = no_p
     from tasks import models, snapshots
     from tasks import resume as resume_mod
     from tasks.evaluate import evaluate
-    from tasks.ppo_trainer import build, heldout_rm, summary
+    from tasks.ppo_trainer import build, summary
+    from tasks.rm_scoring import heldout_rm
 
     rows, warnings = preflight(config, inputs)  # raises before any weight is loaded
     assert inputs.init is not None

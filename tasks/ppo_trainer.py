@@ -266,38 +266,6 @@ def build(config: Any, inputs: Any, accelerator: Any, tokenizer: Any,
     return PPOTrainer(config, accelerator, policy, value_model, reference, tokenizer, scorer)
 
 
-def heldout_rm(model: Any, tokenizer: Any, domains: list[str], n: int,
-               rms: Mapping[str, Any]) -> dict[str, float]:
-    """Mean score of each RM on greedy answers to the held-out problems `evaluate` uses (same
-    length rule), over `domains`: the RM side of the eval, to set beside the accuracy."""
-    from tasks.evaluate import heldout_rows
-    from tasks.rm_scoring import RMReward
-
-    scorers = {name: RMReward(name, ref.path, tokenizer.eos_token_id) for name, ref in rms.items()}
-    got: dict[str, list[float]] = {name: [] for name in rms}
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    model.eval()
-    try:
-        for domain in domains:
-            rows = heldout_rows(domain, n)
-            longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
-                          for r in rows)
-            prompts = [r["prompt"] for r in rows]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            with torch.inference_mode():
-                out = model.generate(**enc, max_new_tokens=longest + 1, do_sample=False,
-                                     temperature=None, top_k=None, top_p=None,
-                                     eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for name, rm in scorers.items():
-                got[name] += rm(prompts, texts, completion_ids=new)
-    finally:
-        tokenizer.padding_side = side
-    return {name: sum(xs) / len(xs) for name, xs in got.items() if xs}
-
-
 def _check_logits(ac: ActorCritic, tokenizer: Any) -> None:
     """Refuse a policy whose logits are not lm_head(last hidden state) (softcapping, scaling):
     the trainer computes them that way to share the trunk with the value head."""

@@ -15,7 +15,10 @@ eos, which is not the text our RMs were trained on.
 from the policy's (vocabulary, ``config.vocab_size``, bos/eos/pad, chat template, the fields of
 `tasks.compat.FINGERPRINT_FIELDS`): the RM would read other token ids than the policy writes.
 
-Run: imported by tasks/reward_model.py, tasks/grpo.py (`policy_rewards`) and tasks/dpo.py.
+`heldout_rm` is the RM side of a policy's eval: each RM's mean score on its greedy held-out answers.
+
+Run: imported by tasks/reward_model.py, tasks/grpo.py (`policy_rewards`), tasks/dpo.py and
+tasks/ppo.py.
 """
 
 from __future__ import annotations
@@ -146,3 +149,36 @@ def policy_rewards(
         weights.append(reward_weights.get(name, 1.0))
         keys[f"rewards/rm_{name}/mean"] = f"rm/{name}"
     return funcs, weights, keys
+
+
+def heldout_rm(model: Any, tokenizer: Any, domains: list[str], n: int,
+               rms: Mapping[str, Any]) -> dict[str, float]:
+    """Mean score of each RM on greedy answers to the held-out problems `evaluate` uses (same
+    length rule), over `domains`: the RM side of the eval, to set beside the accuracy."""
+    import torch
+
+    from tasks.evaluate import heldout_rows
+
+    scorers = {name: RMReward(name, ref.path, tokenizer.eos_token_id) for name, ref in rms.items()}
+    got: dict[str, list[float]] = {name: [] for name in rms}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    try:
+        for domain in domains:
+            rows = heldout_rows(domain, n)
+            longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
+                          for r in rows)
+            prompts = [r["prompt"] for r in rows]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=longest + 1, do_sample=False,
+                                     temperature=None, top_k=None, top_p=None,
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for name, rm in scorers.items():
+                got[name] += rm(prompts, texts, completion_ids=new)
+    finally:
+        tokenizer.padding_side = side
+    return {name: sum(xs) / len(xs) for name, xs in got.items() if xs}
