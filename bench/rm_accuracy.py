@@ -127,7 +127,7 @@ def build(a: argparse.Namespace) -> dict:
     if todo("rm"):
         cfg = reward_model.Config(max_steps=a.rm_steps, learning_rate=a.rm_lr,
                                   per_device_train_batch_size=a.rm_batch, eval_n=a.eval_n,
-                                  eval_domains=domains)
+                                  eval_domains=domains, seed=a.rm_seed)
         init = Path(a.rm_init) if a.rm_init else out / ("sft_rm" if a.rm_sft_steps else "sft")
         timed("rm", lambda: reward_model.run(cfg, Inputs(init=_ref(init, "sft"), data={
             "train": _ref(out / "pairs", "data")}), out / "rm", _say(200)))
@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=2000)
     p.add_argument("--rm-lr", type=float, default=3e-4)
     p.add_argument("--rm-batch", type=int, default=32)
+    p.add_argument("--rm-seed", type=int, default=0, help="the RM's head init and data order")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--subset", default="", help="also print the pooled accuracy over these "
                    "domains (comma-separated)")

@@ -597,6 +597,7 @@ def _check_edges(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]
     A `use:` parent is checked by plan, once its manifest is read."""
     nodes = _nodes(specs)
     out: dict[str, StageSpec] = {}
+    fingerprints: dict[str, dict | None] = {}  # root stage -> its tokenizer, read once
     for s in specs.values():
         if s.kind == "use":
             out[s.name] = s
@@ -619,6 +620,7 @@ def _check_edges(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]
                     raise ctx.error(at, f"kind {s.kind} reads {', '.join(decl.columns)} from "
                                     f"every row, but the rows of stage {parent!r} lack "
                                     f"{', '.join(lack)}; add the column(s) to its data")
+        _check_tokenizers(s, spec, nodes, ctx, fingerprints)
         warnings: list[str] = []
         if "check" in spec.hooks:
             try:
@@ -627,6 +629,44 @@ def _check_edges(specs: dict[str, StageSpec], ctx: _Ctx) -> dict[str, StageSpec]
                 raise ctx.error(_path(s) + e.where, e.message) from None
         out[s.name] = dataclasses.replace(s, warnings=tuple(warnings)) if warnings else s
     return out
+
+
+def _check_tokenizers(s: StageSpec, spec: kinds.KindSpec, nodes: Mapping[str, kinds.Node],
+                      ctx: _Ctx, cache: dict[str, dict | None]) -> None:
+    """Every model stage `s` reads (its `from:`, reward models, teachers, reference, ...) carries
+    the tokenizer of its `from:` (or of the first such input), as far as the recipe tells: an RM
+    or teacher built on another vocabulary would read other token ids than the policy writes.
+    Inputs that share their root stage share it; others are compared by their roots' `tokenizer`
+    hook (tasks/kind.py), so only a recipe with two differing roots reads any tokenizer."""
+    inputs = [(role, sub, parent) for role, decl in spec.roles.items()
+              if decl.accepts != "dataset" for sub, parent in nodes[s.name].parents(role).items()]
+    roots = [(role, sub, parent, kinds.tokenizer_root(parent, nodes))
+             for role, sub, parent in inputs]
+    roots = [r for r in roots if r[3] is not None]
+    if len({r[3].name for r in roots}) < 2:
+        return
+    from tasks.compat import fingerprint_diff
+
+    def fingerprint(root: kinds.Node) -> dict | None:
+        if root.name not in cache:
+            cache[root.name] = kinds.hook(root, "tokenizer")
+        return cache[root.name]
+
+    first = next(((role, sub, parent, root) for role, sub, parent, root in roots
+                  if fingerprint(root) is not None), None)
+    if first is None:
+        return
+    _, _, ref_parent, ref_root = first
+    for role, sub, parent, root in roots:
+        theirs = fingerprint(root)
+        diff = fingerprint_diff(fingerprint(ref_root), theirs) if theirs is not None else []
+        if diff:
+            at = _path(s) + (FIELD_OF_ROLE[role],) + ((sub,) if sub else ())
+            fields = "; ".join(d.replace("teacher=", f"{parent}=").replace(
+                "student=", f"{ref_parent}=") for d in diff)
+            raise ctx.error(at, f"stage {parent!r} carries the tokenizer of {root.name!r}, "
+                            f"stage {ref_parent!r} that of {ref_root.name!r}, and they differ "
+                            f"({fields}); build both from bases with one tokenizer")
 
 
 def _path(spec: StageSpec) -> tuple[str, ...]:

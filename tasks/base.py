@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -103,6 +104,27 @@ def _pretrain(model, tokenizer, config: Config, progress: Progress, history: lis
         "seconds": seconds,
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
     }
+
+
+def tokenizer(config: dict) -> dict | None:
+    """Kind hook: the tokenizer fingerprint (tasks.models.tokenizer_fingerprint) this base's model
+    carries, read at plan time: the built-in char tokenizer, or a local `model` directory's. None
+    for a hub id (plan never downloads; the run checks the built artifacts again)."""
+    from tasks import models
+
+    name, trust = config.get("model"), bool(config.get("trust_remote_code"))
+    if name is None:
+        tok = models.build_tokenizer()
+        return models.tokenizer_fingerprint(tok, SimpleNamespace(vocab_size=len(tok)))
+    if not Path(name).is_dir():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        return models.tokenizer_fingerprint(models.load_tokenizer(name, trust), cfg)
+    except (OSError, ValueError):  # not a model directory: the stage itself reports it
+        return None
 
 
 def scale(config: dict, factor: float) -> dict:

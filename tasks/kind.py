@@ -34,6 +34,10 @@ these names through `hooks`; nothing else is discovered):
 - ``route_values(config, column) -> set[str] | None``: the values of one column, when the recipe
   alone tells them (synthetic domains) or a small user file does.
 - ``trained_domains(config) -> set[str] | None``: the domains a model kind restricts training to.
+- ``tokenizer(config) -> dict | None``: for a kind whose model starts a chain of ``from:``
+  (``base``), the fingerprint of the tokenizer it carries (tasks.models.tokenizer_fingerprint),
+  when the recipe alone tells it. Plan refuses a stage that reads models (``from``, reward
+  models, teachers, a reference, ...) carrying different tokenizers (`tokenizer_root`).
 - ``check(node, nodes) -> list[str]``: recipe-level rules (route coverage, idle teachers ...);
   raises ``KindCheckError`` for an error, returns warnings that plan prints and the manifest
   keeps.
@@ -72,7 +76,7 @@ SNAPSHOT_REF_RE = re.compile(r"^(?P<stage>[^@]+)@(?P<step>[0-9]+)$")
 # A route of a role that takes schedules is expanded to `<route>#<phase>` (1-based) per phase.
 PHASE_SEP = "#"
 OPTIONAL_HOOKS = ("prepare", "data_files", "columns", "route_values", "trained_domains", "check",
-                  "scale")
+                  "scale", "tokenizer")
 
 
 class KindCheckError(ValueError):
@@ -244,6 +248,21 @@ def route_values_of(node: Node | None, column: str) -> set[str] | None:
 def trained_domains_of(node: Node | None) -> set[str] | None:
     """Domains a model stage restricts its training to (None: all of its data)."""
     return hook(node, "trained_domains")
+
+
+def tokenizer_root(name: str, nodes: Mapping[str, Node]) -> Node | None:
+    """The stage whose `tokenizer` hook tells which tokenizer stage `name`'s model carries: up
+    its `from:` chain to the first kind that has the hook. None when the chain reaches a pin
+    (`use:`) or a stage without `from:` (select's candidates: known only once built)."""
+    seen: set[str] = set()
+    node = nodes.get(name)
+    while node is not None and node.kind is not None and node.name not in seen:
+        seen.add(node.name)
+        if "tokenizer" in spec(node.kind).hooks:
+            return node
+        parent = node.parents("init").get(None)
+        node = nodes.get(parent) if parent else None
+    return None
 
 
 if __name__ == "__main__":

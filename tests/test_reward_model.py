@@ -234,3 +234,36 @@ def test_cli_plan_exits_2_on_completion_rows_for_dpo(tmp_path: Path) -> None:
                          "--state-dir", str(tmp_path / "state"))
     assert rc == 2 and "stages.dpo.data.train" in err and "Traceback" not in err, err
     assert not (tmp_path / "store").exists()
+
+
+# ---- another vocabulary, seen from the recipe ----
+
+VOCAB_RECIPE = RECIPE.replace(
+    "  rm: {kind: reward_model, from: sft, data: prefs, max_steps: 1}\n",
+    "  other: {kind: base, model: MODEL_DIR}\n"
+    "  rm: {kind: reward_model, from: other, data: prefs, max_steps: 1}\n")
+
+
+def test_plan_refuses_a_reward_model_built_on_another_vocabulary(tmp_path: Path) -> None:
+    """The RM's chain starts at a base whose model directory has another vocab_size: plan names
+    the place and both stages, and the CLI exits 2 with nothing written."""
+    from tests.conftest import run_cli
+
+    bad = other_vocab(sf.tiny_base(tmp_path / "tiny"), tmp_path / "big_vocab")
+    path = _recipe(tmp_path, VOCAB_RECIPE.replace("MODEL_DIR", str(bad)))
+    with pytest.raises(RecipeError, match=r"stages\.rl\.reward_model\.rm: stage 'rm' carries the "
+                       r"tokenizer of 'other', stage 'sft' that of 'base'.*vocab_size: "
+                       r"rm=128 sft=100"):
+        parse(path)
+    rc, _, err = run_cli("plan", str(path), "--store", str(tmp_path / "store"),
+                         "--state-dir", str(tmp_path / "state"))
+    assert rc == 2 and "stages.rl.reward_model.rm" in err and "Traceback" not in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def test_plan_accepts_a_model_directory_with_the_same_tokenizer(tmp_path: Path) -> None:
+    """A base loaded from a directory that carries the built-in tokenizer (another size: the
+    check compares tokenizers, not architectures) is no reason to refuse."""
+    same = sf.tiny_base(tmp_path / "tiny")
+    recipe = parse(_recipe(tmp_path, VOCAB_RECIPE.replace("MODEL_DIR", str(same))))
+    assert recipe.stages["rm"].inputs["init"] == "other"
