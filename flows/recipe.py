@@ -659,11 +659,11 @@ def _check_tokenizers(s: StageSpec, spec: kinds.KindSpec, nodes: Mapping[str, ki
     _, _, ref_parent, ref_root = first
     for role, sub, parent, root in roots:
         theirs = fingerprint(root)
-        diff = fingerprint_diff(fingerprint(ref_root), theirs) if theirs is not None else []
+        diff = (fingerprint_diff(fingerprint(ref_root), theirs, (parent, ref_parent))
+                if theirs is not None else [])
         if diff:
             at = _path(s) + (FIELD_OF_ROLE[role],) + ((sub,) if sub else ())
-            fields = "; ".join(d.replace("teacher=", f"{parent}=").replace(
-                "student=", f"{ref_parent}=") for d in diff)
+            fields = "; ".join(diff)
             raise ctx.error(at, f"stage {parent!r} carries the tokenizer of {root.name!r}, "
                             f"stage {ref_parent!r} that of {ref_root.name!r}, and they differ "
                             f"({fields}); build both from bases with one tokenizer")

@@ -38,15 +38,19 @@ FINGERPRINT_FIELDS = (
 )
 
 
-def fingerprint_diff(student_fp: Mapping[str, Any], teacher_fp: Mapping[str, Any]) -> list[str]:
-    """Fields (of FINGERPRINT_FIELDS) whose values differ, as 'field: teacher=X student=Y'.
+def fingerprint_diff(student_fp: Mapping[str, Any], teacher_fp: Mapping[str, Any],
+                     labels: tuple[str, str] = ("teacher", "student")) -> list[str]:
+    """Fields (of FINGERPRINT_FIELDS) whose values differ, as 'field: teacher=X student=Y'
+    (`labels` names the two sides: teacher's, then student's).
 
     >>> fingerprint_diff({"vocab_size": 44, "pad_token_id": 0},
     ... {"vocab_size": 48, "pad_token_id": 0})
     ['vocab_size: teacher=48 student=44']
+    >>> fingerprint_diff({"vocab_size": 44}, {"vocab_size": 48}, ("rm", "sft"))
+    ['vocab_size: rm=48 sft=44']
     """
     return [
-        f"{name}: teacher={teacher_fp.get(name)!r} student={student_fp.get(name)!r}"
+        f"{name}: {labels[0]}={teacher_fp.get(name)!r} {labels[1]}={student_fp.get(name)!r}"
         for name in FINGERPRINT_FIELDS
         if student_fp.get(name) != teacher_fp.get(name)
     ]
