@@ -638,35 +638,29 @@ def _check_tokenizers(s: StageSpec, spec: kinds.KindSpec, nodes: Mapping[str, ki
     or teacher built on another vocabulary would read other token ids than the policy writes.
     Inputs that share their root stage share it; others are compared by their roots' `tokenizer`
     hook (tasks/kind.py), so only a recipe with two differing roots reads any tokenizer."""
-    inputs = [(role, sub, parent) for role, decl in spec.roles.items()
-              if decl.accepts != "dataset" for sub, parent in nodes[s.name].parents(role).items()]
-    roots = [(role, sub, parent, kinds.tokenizer_root(parent, nodes))
-             for role, sub, parent in inputs]
-    roots = [r for r in roots if r[3] is not None]
-    if len({r[3].name for r in roots}) < 2:
+    roots = [(role, sub, parent, root) for role, decl in spec.roles.items()
+             if decl.accepts != "dataset"
+             for sub, parent in nodes[s.name].parents(role).items()
+             if (root := kinds.tokenizer_root(parent, nodes)) is not None]
+    if len({root.name for *_, root in roots}) < 2:
         return
     from tasks.compat import fingerprint_diff
 
-    def fingerprint(root: kinds.Node) -> dict | None:
+    for root in {root.name: root for *_, root in roots}.values():
         if root.name not in cache:
             cache[root.name] = kinds.hook(root, "tokenizer")
-        return cache[root.name]
-
-    first = next(((role, sub, parent, root) for role, sub, parent, root in roots
-                  if fingerprint(root) is not None), None)
-    if first is None:
+    known = [(role, sub, parent, root) for role, sub, parent, root in roots
+             if cache[root.name] is not None]
+    if len(known) < 2:
         return
-    _, _, ref_parent, ref_root = first
-    for role, sub, parent, root in roots:
-        theirs = fingerprint(root)
-        diff = (fingerprint_diff(fingerprint(ref_root), theirs, (parent, ref_parent))
-                if theirs is not None else [])
+    _, _, first, first_root = known[0]
+    for role, sub, parent, root in known[1:]:
+        diff = fingerprint_diff(cache[first_root.name], cache[root.name], (parent, first))
         if diff:
             at = _path(s) + (FIELD_OF_ROLE[role],) + ((sub,) if sub else ())
-            fields = "; ".join(diff)
             raise ctx.error(at, f"stage {parent!r} carries the tokenizer of {root.name!r}, "
-                            f"stage {ref_parent!r} that of {ref_root.name!r}, and they differ "
-                            f"({fields}); build both from bases with one tokenizer")
+                            f"stage {first!r} that of {first_root.name!r}, and they differ "
+                            f"({'; '.join(diff)}); build both from bases with one tokenizer")
 
 
 def _path(spec: StageSpec) -> tuple[str, ...]:

@@ -118,11 +118,8 @@ def tokenizer(config: dict) -> dict | None:
         return models.tokenizer_fingerprint(tok, SimpleNamespace(vocab_size=len(tok)))
     if not Path(name).is_dir():
         return None
-    from transformers import AutoConfig
-
     try:
-        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust)
-        return models.tokenizer_fingerprint(models.load_tokenizer(name, trust), cfg)
+        return models.fingerprint_of(name, trust)
     except (OSError, ValueError):  # not a model directory: the stage itself reports it
         return None
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 from artifacts.refs import ArtifactRef, Inputs, StageInputError
@@ -72,19 +71,12 @@ def _routes(config: Any, inputs: Inputs, rows: list[dict]) -> dict[str, list[dic
     return out
 
 
-def _fingerprint(path: Path) -> dict:
-    from transformers import AutoConfig
-
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(path), AutoConfig.from_pretrained(str(path)))
-
-
 def preflight(config: Any,
               inputs: Inputs) -> tuple[dict[str, list[dict]], dict[str, ArtifactRef]]:
     """Every check before a weight is loaded: (prompt rows by route, sampler by route).
     `config` is a tasks.generate.Config."""
     from tasks.compat import FINGERPRINT_FIELDS
+    from tasks.models import fingerprint_of
 
     if (inputs.init is None) == (not inputs.generators):
         raise StageInputError("generate needs exactly one of `from:` or `generators:`")
@@ -93,12 +85,12 @@ def preflight(config: Any,
     by_route = _routes(config, inputs, _prompt_rows(config, inputs))
     samplers = {inputs.init.stage: inputs.init} if inputs.init else dict(inputs.generators)
     first, *_ = sorted(samplers)
-    mine = _fingerprint(Path(samplers[first].path))
+    mine = fingerprint_of(samplers[first].path)
     judged = [(f"generator {r!r}", a) for r, a in sorted(samplers.items()) if r != first]
     judged += [(f"reward model {n!r}", a) for n, a in sorted(inputs.reward_model.items())]
     problems = []
     for who, ref in judged:
-        theirs = _fingerprint(Path(ref.path))
+        theirs = fingerprint_of(ref.path)
         diff = [f"{f} {theirs.get(f)!r} vs {mine.get(f)!r}" for f in FINGERPRINT_FIELDS
                 if theirs.get(f) != mine.get(f)]
         if diff:

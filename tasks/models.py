@@ -154,6 +154,15 @@ def tokenizer_fingerprint(tokenizer: Any, model_config: Any) -> dict:
     }
 
 
+def fingerprint_of(path: str | Path, trust_remote_code: bool = False) -> dict:
+    """`tokenizer_fingerprint` of a model directory, from its tokenizer and config files alone
+    (no weights loaded): what every tokenizer check compares."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return tokenizer_fingerprint(load_tokenizer(path, trust_remote_code), config)
+
+
 # ---- trainer plumbing shared by the training kinds (base, sft, grpo) ----
 
 MAX_HISTORY = 200

@@ -60,14 +60,6 @@ def rows_by_value(inputs: Inputs, key: str) -> dict[str, list[dict]]:
     return by_value
 
 
-def _fingerprint(path: Path) -> dict:
-    from transformers import AutoConfig
-
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(path), AutoConfig.from_pretrained(str(path)))
-
-
 def preflight(config: Any, inputs: Inputs) -> tuple[dict[str, list[dict]], dict, list[str]]:
     """Every check that must pass before training: (rows by route value, route table, warnings).
     `config` is a tasks.mopd.Config."""
@@ -104,8 +96,9 @@ def check_teachers(config: Any, inputs: Inputs, teachers: Mapping[str, ArtifactR
     """Tokenizer and SFT-lineage compatibility of `teachers` with the student (tasks/compat.py).
     `config` is a tasks.mopd.Config."""
     from tasks.compat import check_lineage, check_tokenizers
+    from tasks.models import fingerprint_of
 
     assert inputs.init is not None
-    fps = {r: _fingerprint(Path(t.path)) for r, t in teachers.items()}
-    check_tokenizers(_fingerprint(Path(inputs.init.path)), fps)
+    fps = {r: fingerprint_of(t.path) for r, t in teachers.items()}
+    check_tokenizers(fingerprint_of(inputs.init.path), fps)
     return check_lineage(inputs.init, teachers, config.allow_cross_lineage)

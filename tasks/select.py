@@ -123,18 +123,14 @@ def _domains_of(config: Config, cands: Mapping[str, ArtifactRef]) -> list[str]:
 
 def preflight(config: Config, inputs: Inputs) -> list[str]:
     """Checks before any weight is loaded; returns the domains to score."""
-    from transformers import AutoConfig
-
     from tasks.compat import fingerprint_diff
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
+    from tasks.models import fingerprint_of
 
     cands = inputs.candidates
     if len(cands) < 2:
         raise StageInputError(f"select needs two or more candidates, got {sorted(cands)}")
     names = sorted(cands)
-    fps = {n: tokenizer_fingerprint(load_tokenizer(cands[n].path),
-                                    AutoConfig.from_pretrained(str(cands[n].path)))
-           for n in names}
+    fps = {n: fingerprint_of(cands[n].path) for n in names}
     problems = [f"candidate {n!r} (stage {cands[n].stage!r}): {'; '.join(diff)}"
                 for n in names[1:] if (diff := fingerprint_diff(fps[names[0]], fps[n]))]
     if problems:

@@ -29,11 +29,9 @@ def _save(path: Path, hidden: int, layers: int, extra_token: bool = False) -> Pa
 
 
 def _fp(path: Path) -> dict:
-    from transformers import AutoConfig
+    from tasks.models import fingerprint_of
 
-    from tasks.models import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(path), AutoConfig.from_pretrained(str(path)))
+    return fingerprint_of(path)
 
 
 @pytest.fixture(scope="module")
